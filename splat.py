@@ -1,0 +1,183 @@
+"""
+Differentiable Gaussian splatting for GMAE: camera, covariance, projection, and the reference rasterizer.
+
+A GMAE decoder predicts K Gaussians per image, each a 14-vector of *valid* parameters
+(model.gaussian_activation turns raw decoder outputs into these):
+
+    g = [x, y, z,  sx, sy, sz,  qw, qx, qy, qz,  r, g, b,  opacity]
+         centre    scale        unit quaternion  colour    in [0, 1]
+         in [-1,1]^3
+
+The image is made in two steps (Kerbl et al. 2023, "3D Gaussian Splatting", Sec. 4-6; ../shared/DESIGN.md 2-3):
+
+1. project (pure torch, one place knows the camera). Orthographic camera looking down +z, smaller z nearer:
+       u = (x + 1) W / 2,  v = (y + 1) H / 2                 pixel i has its centre at i + 0.5
+       Sigma3 = R S S^T R^T                                 R from the quaternion, S = diag(scale)
+       Sigma2 = J Sigma3[:2, :2] J^T + 0.3 I,  J = diag(W/2, H/2)
+       conic  = Sigma2^-1 = [[a, b], [b, c]],  depth = z
+2. rasterize: front to back over Gaussians sorted by depth (ties by index), per pixel p:
+       power = -0.5 (a dx^2 + 2 b dx dy + c dy^2),  d = p - (u, v);  skip if power > 0
+       alpha = min(0.99, opacity exp(power));  skip if alpha < 1/255
+       T_next = T (1 - alpha);  stop (this Gaussian excluded) if T_next <= 1e-4
+       C += T alpha rgb;  T = T_next
+       image = C + T background          (background 1 = white)
+
+`rasterize_torch` below is the spec: dense [B, HW, K] tensors, exact rules, float32 or float64, autograd.
+The fast kernels (splat_cpu.cpp, splat_cuda.cu) are checked against it in value and gradient.
+
+Shapes: B images, K Gaussians, H x W pixels.
+    gaussians [B, K, 14] -> render -> image [B, 3, H, W]
+
+Try it:  python -c "import splat, torch; print(splat.render(torch.rand(1, 8, 14), 16, 16).shape)"
+"""
+import math
+
+import torch
+
+# Compositing constants of DESIGN.md 3 (the values of the 3DGS / gsplat reference rasterizers).
+ALPHA_MAX = 0.99  # alpha clamp; no gradient flows through the clamp
+ALPHA_MIN = 1.0 / 255.0  # contributions below this are skipped
+T_MIN = 1e-4  # stop when transmittance would fall to or below this
+EPS2D = 0.3  # px^2 added to the 2-D covariance (anti-aliasing low-pass of 3DGS)
+# alpha >= 1/255 needs Mahalanobis distance <= sqrt(2 ln 255) = 3.329, so this per-axis box drops nothing.
+CULL_SIGMA = 3.33
+
+PARAM_DIM = 14
+
+
+def split_gaussians(g):
+    """[..., 14] -> xyz [..., 3], scale [..., 3], quat [..., 4], rgb [..., 3], opacity [...]."""
+    if g.shape[-1] != PARAM_DIM:
+        raise ValueError(f"Gaussians must have {PARAM_DIM} parameters in the last dim, got shape {tuple(g.shape)}")
+    return g[..., 0:3], g[..., 3:6], g[..., 6:10], g[..., 10:13], g[..., 13]
+
+
+def quat_to_rotmat(q):
+    """Unit quaternion (w, x, y, z) [..., 4] -> rotation matrix [..., 3, 3]."""
+    w, x, y, z = q.unbind(-1)
+    R = torch.stack(
+        [
+            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+        ],
+        dim=-1,
+    )
+    return R.reshape(*q.shape[:-1], 3, 3)
+
+
+def covariance3d(scale, quat):
+    """Sigma3 = R S S^T R^T, [..., 3, 3]; symmetric positive semi-definite for any unit quaternion."""
+    M = quat_to_rotmat(quat) * scale.unsqueeze(-2)  # R @ diag(s): scale column j by s_j
+    return M @ M.transpose(-1, -2)
+
+
+def project(gaussians, H, W):
+    """The fixed orthographic camera of DESIGN.md 2.
+
+    gaussians [B, K, 14] (valid parameters) ->
+        means2d [B, K, 2] (u, v in pixels), conic [B, K, 3] (a, b, c), depth [B, K],
+        rgb [B, K, 3], opacity [B, K], extent [B, K, 2] (half-size in px of the lossless culling box).
+    """
+    xyz, scale, quat, rgb, opacity = split_gaussians(gaussians)
+    u = (xyz[..., 0] + 1) * (W / 2)
+    v = (xyz[..., 1] + 1) * (H / 2)
+    means2d = torch.stack([u, v], dim=-1)
+    sigma3 = covariance3d(scale, quat)
+    # Orthographic: the 2-D covariance is the top-left block, stretched by J = diag(W/2, H/2).
+    sxx = sigma3[..., 0, 0] * (W / 2) ** 2 + EPS2D
+    sxy = sigma3[..., 0, 1] * (W / 2) * (H / 2)
+    syy = sigma3[..., 1, 1] * (H / 2) ** 2 + EPS2D
+    det = sxx * syy - sxy * sxy  # > 0: the +0.3 I makes Sigma2 positive definite
+    conic = torch.stack([syy / det, -sxy / det, sxx / det], dim=-1)
+    extent = CULL_SIGMA * torch.stack([sxx, syy], dim=-1).sqrt()
+    return means2d, conic, xyz[..., 2], rgb, opacity, extent
+
+
+def depth_order(depth):
+    """Indices sorting each image's Gaussians front to back; a stable sort breaks ties by Gaussian index."""
+    return torch.sort(depth, dim=-1, stable=True).indices
+
+
+def rasterize_torch(means2d, conic, depth, rgb, opacity, H, W, background=1.0):
+    """Reference rasterizer: dense over all (pixel, Gaussian) pairs. Returns image [B, 3, H, W].
+
+    Every rule of DESIGN.md 3 is applied exactly so the tiled kernels agree with it to float rounding.
+    Memory is O(B H W K): fine for tests and small images, slow for training (use the cpu/cuda backends).
+    """
+    B, K = depth.shape
+    order = depth_order(depth)  # [B, K]
+    take = lambda t: torch.gather(t, 1, order.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731
+    means2d, conic, rgb = take(means2d), take(conic), take(rgb)
+    opacity = torch.gather(opacity, 1, order)
+
+    dtype, device = means2d.dtype, means2d.device
+    ys, xs = torch.meshgrid(
+        torch.arange(H, dtype=dtype, device=device) + 0.5,
+        torch.arange(W, dtype=dtype, device=device) + 0.5,
+        indexing="ij",
+    )
+    pix = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)  # [HW, 2]
+    d = pix[None, :, None, :] - means2d[:, None, :, :]  # [B, HW, K, 2]
+    dx, dy = d[..., 0], d[..., 1]
+    a, b, c = (conic[:, None, :, i] for i in range(3))  # each [B, 1, K]
+    power = -0.5 * (a * dx * dx + 2 * b * dx * dy + c * dy * dy)  # [B, HW, K]
+
+    alpha = opacity[:, None, :] * torch.exp(power)
+    alpha = torch.where(alpha > ALPHA_MAX, torch.full_like(alpha, ALPHA_MAX), alpha)  # clamp, no gradient
+    keep = (power <= 0) & (alpha >= ALPHA_MIN)
+    alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
+
+    # Transmittance before each Gaussian: T_i = prod_{j<i} (1 - alpha_j). T_next is non-increasing along the
+    # sorted order, so "stop at the first T_next <= 1e-4" is the same as dropping every Gaussian whose
+    # T_next <= 1e-4 (computed without the dropped ones, which all come after).
+    one_minus = 1 - alpha
+    t_next = torch.cumprod(one_minus, dim=-1)
+    alpha = torch.where(t_next > T_MIN, alpha, torch.zeros_like(alpha))
+    one_minus = 1 - alpha
+    t_after = torch.cumprod(one_minus, dim=-1)  # [B, HW, K]
+    t_before = torch.cat([torch.ones_like(t_after[..., :1]), t_after[..., :-1]], dim=-1)
+
+    weight = t_before * alpha  # [B, HW, K]
+    color = weight @ rgb  # [B, HW, 3]
+    image = color + t_after[..., -1:] * background
+    return image.transpose(1, 2).reshape(B, 3, H, W)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backends. "torch" is the reference above; the compiled kernels join through `_RASTERIZERS`.
+
+_RASTERIZERS = {"torch": rasterize_torch}
+BACKENDS = ("auto", "torch")
+
+
+def rasterize(means2d, conic, depth, rgb, opacity, H, W, background=1.0, backend="torch"):
+    """Dispatch to a rasterizer backend; all take and return the same tensors."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "torch"
+    return _RASTERIZERS[backend](means2d, conic, depth, rgb, opacity, H, W, background)
+
+
+def render(gaussians, H, W, background=1.0, backend="torch"):
+    """Render valid Gaussians [B, K, 14] to images [B, 3, H, W] with the fixed camera."""
+    if gaussians.dim() != 3:
+        raise ValueError(f"gaussians must be [B, K, 14], got shape {tuple(gaussians.shape)}")
+    means2d, conic, depth, rgb, opacity, _ = project(gaussians, H, W)
+    return rasterize(means2d, conic, depth, rgb, opacity, H, W, background, backend)
+
+
+def random_gaussians(B, K, generator=None, dtype=torch.float32, scale_max=1.0):
+    """Valid random Gaussians [B, K, 14] for tests and benchmarks (centres in [-1,1]^3, unit quaternions)."""
+    r = torch.rand(B, K, PARAM_DIM, generator=generator, dtype=dtype)
+    xyz = r[..., 0:3] * 2 - 1
+    scale = scale_max * (0.02 + r[..., 3:6]) / 8
+    quat = torch.nn.functional.normalize(torch.randn(B, K, 4, generator=generator, dtype=dtype), dim=-1)
+    return torch.cat([xyz, scale, quat, r[..., 10:13], r[..., 13:14]], dim=-1)
+
+
+def psnr(x, y):
+    """Peak signal-to-noise ratio in dB for images in [0, 1]."""
+    mse = torch.mean((x - y) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
