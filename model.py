@@ -1,0 +1,383 @@
+"""
+Gaussian Masked Autoencoder (GMAE) and its plain-MAE baseline, in one file.
+
+GMAE (Rajasegaran et al. 2025, Sec. 3.2) is MAE (He et al. 2022) with a different decoder output:
+
+    image [B,3,H,W] -> patchify (p x p) -> N = (H/p)(W/p) patches
+    random masking (ratio m)            -> N_vis = N (1 - m) visible patches
+    encoder: ViT on visible patches + cls token           -> latents [B, 1 + N_vis, D_enc]
+    decoder input (paper Eq. 1): Linear(latents) ++ k learnable query tokens, NO mask tokens
+    decoder: ViT blocks; the k query outputs -> Linear(D_dec -> 14) -> gaussian_activation
+    splat.render(gaussians, H, W) -> reconstruction [B,3,H,W] in [0,1]
+    loss = MSE(reconstruction, image) over the pixels of the masked patches
+
+With `decoder="pixels"` the same encoder feeds MAE's decoder (mask tokens + per-patch pixel head), so the
+two are compared in one code path with the same loss.
+
+Shape legend: B batch, N patches, N_vis visible patches, K Gaussians (= config.num_gaussians),
+D width (D_enc encoder, D_dec decoder), P = p*p*3 pixels per patch.
+
+The encoder's parameter names follow timm's VisionTransformer (patch_embed.proj, cls_token, pos_embed,
+blocks.N.attn.qkv, blocks.N.mlp.fc1, norm, ...), so `model.encoder.state_dict()` loads into timm-style code.
+
+Used by train.py (pretraining), probe.py / finetune.py (encoder features) and zeroshot.py (Gaussians).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import splat
+from data import normalize
+
+
+@dataclass
+class GMAEConfig:
+    img_size: int = 32
+    patch_size: int = 4
+    enc_dim: int = 192  # ViT-B: 768
+    enc_depth: int = 6  # ViT-B: 12
+    enc_heads: int = 3  # ViT-B: 12
+    dec_dim: int = 128  # paper/MAE: 512
+    dec_depth: int = 2  # paper/MAE: 8
+    dec_heads: int = 4  # paper/MAE: 16
+    mlp_ratio: float = 4.0
+    mask_ratio: float = 0.75
+    num_gaussians: int = 128  # paper: 512 (256 for most ablations)
+    scale_max: float = 1.0  # c in c * sigmoid(s) / 8; paper ablates 0.5 / 1 / 2
+    decoder: str = "gaussians"  # "gaussians" (GMAE) or "pixels" (MAE baseline)
+    loss_on: str = "masked"  # "masked" (paper default) or "all" (paper ablation, Table 1c)
+    norm_pix: bool = False  # per-patch normalised targets (MAE's trick; hurts GMAE, Table 1c)
+
+    def __post_init__(self):
+        if self.img_size <= 0 or self.patch_size <= 0:
+            raise ValueError(f"image size and patch size must be positive, got {self.img_size} and {self.patch_size}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
+        if not 1 <= self.num_gaussians <= 4096:
+            raise ValueError(f"--gaussians must be in 1..4096, got {self.num_gaussians}")
+        check_mask_ratio(self.mask_ratio, self.num_patches)
+        if self.decoder not in ("gaussians", "pixels"):
+            raise ValueError(f"--decoder must be 'gaussians' or 'pixels', got {self.decoder!r}")
+        if self.loss_on not in ("masked", "all"):
+            raise ValueError(f"--loss-on must be 'masked' or 'all', got {self.loss_on!r}")
+        if self.scale_max <= 0:
+            raise ValueError(f"--scale-max must be > 0, got {self.scale_max}")
+        for dim, heads, name in ((self.enc_dim, self.enc_heads, "encoder"), (self.dec_dim, self.dec_heads, "decoder")):
+            if dim % heads:
+                raise ValueError(f"{name} width {dim} is not divisible by its {heads} heads")
+
+    @property
+    def num_patches(self):
+        return (self.img_size // self.patch_size) ** 2
+
+
+def check_mask_ratio(mask_ratio, num_patches):
+    """A mask must leave at least one visible patch (the encoder needs input) and be a fraction."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"--mask must be in [0, 1), got {mask_ratio}: a ratio of 1.0 leaves the encoder no patch")
+    if int(num_patches * (1 - mask_ratio)) < 1:
+        raise ValueError(f"--mask {mask_ratio} keeps no visible patch out of {num_patches}; lower it")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Patches, position embeddings, masking (MAE, models_mae.py)
+
+
+def patchify(imgs, p):
+    """[B, 3, H, W] -> [B, N, p*p*3], patches in row-major order, pixels (row, col, channel) inside."""
+    B, C, H, W = imgs.shape
+    x = imgs.reshape(B, C, H // p, p, W // p, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, p, H, W):
+    """[B, N, p*p*3] -> [B, 3, H, W], the inverse of patchify."""
+    B = x.shape[0]
+    x = x.reshape(B, H // p, W // p, p, p, 3)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(B, 3, H, W)
+
+
+def sincos_pos_embed(dim, grid_size, cls_token=True):
+    """Fixed 2-D sin-cos position embedding [1 (+1), grid*grid, dim]: half the channels encode the row,
+    half the column, each as sin/cos at geometric frequencies (MAE, after Vaswani et al. 2017)."""
+    if dim % 4:
+        raise ValueError(f"embedding width must be divisible by 4 for 2-D sin-cos, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))  # [D/4]
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+
+    def embed_1d(pos):  # [M] -> [M, D/2]
+        out = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    emb = torch.cat([embed_1d(gx), embed_1d(gy)], dim=1)  # [grid*grid, D]  (MAE order: w first, then h)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb], dim=0)
+    return emb.float().unsqueeze(0)
+
+
+def random_masking(x, mask_ratio, generator=None):
+    """Per-sample random masking by argsort of uniform noise (MAE).
+
+    x [B, N, D] -> x_visible [B, N_vis, D], mask [B, N] (1 = masked), ids_restore [B, N], ids_keep [B, N_vis].
+    """
+    B, N, D = x.shape
+    check_mask_ratio(mask_ratio, N)
+    n_keep = int(N * (1 - mask_ratio))
+    noise = torch.rand(B, N, device=x.device, generator=generator)
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the smallest noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :n_keep]
+    x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+    mask = torch.ones(B, N, device=x.device)
+    mask[:, :n_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)  # back to patch order
+    return x_visible, mask, ids_restore, ids_keep
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transformer blocks (pre-norm ViT, timm names)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # [B, T, D]
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, T, D/heads]
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """x + Attn(LN(x)), then x + MLP(LN(x)). drop_path (stochastic depth) is for fine-tuning."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def _drop(self, x):
+        if not self.training or self.drop_path == 0.0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.drop_path
+        return x * keep / (1 - self.drop_path)
+
+    def forward(self, x):
+        x = x + self._drop(self.attn(self.norm1(x)))
+        return x + self._drop(self.mlp(self.norm2(x)))
+
+
+def init_weights(module):
+    """MAE's initialisation: xavier-uniform linears, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Encoder
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):  # [B, 3, H, W] -> [B, N, D]
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Encoder(nn.Module):
+    """ViT encoder on the visible patches. Input: ImageNet-normalised images."""
+
+    def __init__(self, cfg: GMAEConfig, drop_path=0.0):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.enc_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.enc_dim))
+        grid = cfg.img_size // cfg.patch_size
+        self.pos_embed = nn.Parameter(sincos_pos_embed(cfg.enc_dim, grid), requires_grad=False)  # [1, 1+N, D]
+        rates = [drop_path * i / max(cfg.enc_depth - 1, 1) for i in range(cfg.enc_depth)]  # linear, as in MAE
+        self.blocks = nn.ModuleList(Block(cfg.enc_dim, cfg.enc_heads, cfg.mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(cfg.enc_dim, eps=1e-6)
+        self.apply(init_weights)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer over the flattened patch
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(self, x, mask_ratio=0.0, generator=None):
+        """x [B, 3, H, W] -> latents [B, 1 + N_vis, D], mask [B, N], ids_restore [B, N], ids_keep [B, N_vis]."""
+        x = self.patch_embed(x) + self.pos_embed[:, 1:]  # [B, N, D]
+        x, mask, ids_restore, ids_keep = random_masking(x, mask_ratio, generator)  # [B, N_vis, D]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)  # [B, 1 + N_vis, D]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore, ids_keep
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoders: Gaussians (GMAE) and pixels (MAE)
+
+
+def gaussian_activation(raw, scale_max=1.0):
+    """Raw decoder outputs [..., 14] -> valid Gaussians [..., 14] (DESIGN.md 1; paper Sec. 4.1).
+
+    xyz = tanh (in [-1,1]^3), scale = c sigmoid / 8 (largest std W/16 px at c=1), quaternion normalised
+    (w, x, y, z), rgb and opacity sigmoid (in [0,1]).
+    """
+    xyz = torch.tanh(raw[..., 0:3])
+    scale = scale_max * torch.sigmoid(raw[..., 3:6]) / 8
+    quat = F.normalize(raw[..., 6:10], dim=-1, eps=1e-8)
+    rgb = torch.sigmoid(raw[..., 10:13])
+    opacity = torch.sigmoid(raw[..., 13:14])
+    return torch.cat([xyz, scale, quat, rgb, opacity], dim=-1)
+
+
+class GaussianDecoder(nn.Module):
+    """Paper Eq. 1: decoder tokens = projected visible latents ++ k query tokens; one Gaussian per query."""
+
+    def __init__(self, cfg: GMAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.decoder_embed = nn.Linear(cfg.enc_dim, cfg.dec_dim)
+        grid = cfg.img_size // cfg.patch_size
+        # The latents keep their patch position (MAE adds the decoder position embedding the same way).
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(cfg.dec_dim, grid), requires_grad=False)
+        self.queries = nn.Parameter(torch.zeros(1, cfg.num_gaussians, cfg.dec_dim))
+        self.blocks = nn.ModuleList(Block(cfg.dec_dim, cfg.dec_heads, cfg.mlp_ratio) for _ in range(cfg.dec_depth))
+        self.norm = nn.LayerNorm(cfg.dec_dim, eps=1e-6)
+        self.head = nn.Linear(cfg.dec_dim, splat.PARAM_DIM)
+        self.apply(init_weights)
+        # Initialisation (DESIGN.md 1): if every Gaussian starts at the centre, training crawls. The queries
+        # are N(0, 1), so after the final LayerNorm each query has its own unit-variance feature vector; xyz rows
+        # of the head with std 1/sqrt(D) then give tanh inputs of std ~1, spreading the centres over [-1, 1]^3.
+        # The other rows start small, so scales, colours and opacities start near sigmoid(0) = 0.5.
+        nn.init.normal_(self.queries, std=1.0)
+        nn.init.normal_(self.head.weight[0:3], std=1.0 / math.sqrt(cfg.dec_dim))
+
+    def forward(self, latents, ids_keep):
+        """latents [B, 1 + N_vis, D_enc] -> raw Gaussians [B, K, 14]."""
+        x = self.decoder_embed(latents)  # [B, 1 + N_vis, D_dec]
+        pos = self.decoder_pos_embed.expand(x.shape[0], -1, -1)
+        pos_vis = torch.gather(pos[:, 1:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = x + torch.cat([pos[:, :1], pos_vis], dim=1)
+        q = self.queries.expand(x.shape[0], -1, -1)  # [B, K, D_dec]
+        x = torch.cat([x, q], dim=1)  # [B, 1 + N_vis + K, D_dec]
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x[:, -self.cfg.num_gaussians:])  # keep the query outputs, discard the latents
+        return self.head(x)  # [B, K, 14]
+
+
+class PixelDecoder(nn.Module):
+    """MAE's decoder: mask tokens fill the masked positions, a linear head predicts each patch's pixels."""
+
+    def __init__(self, cfg: GMAEConfig):
+        super().__init__()
+        self.decoder_embed = nn.Linear(cfg.enc_dim, cfg.dec_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dec_dim))
+        grid = cfg.img_size // cfg.patch_size
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(cfg.dec_dim, grid), requires_grad=False)
+        self.blocks = nn.ModuleList(Block(cfg.dec_dim, cfg.dec_heads, cfg.mlp_ratio) for _ in range(cfg.dec_depth))
+        self.norm = nn.LayerNorm(cfg.dec_dim, eps=1e-6)
+        self.head = nn.Linear(cfg.dec_dim, cfg.patch_size**2 * 3)
+        self.apply(init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latents, ids_restore):
+        """latents [B, 1 + N_vis, D_enc] -> patch pixels [B, N, P]."""
+        x = self.decoder_embed(latents)  # [B, 1 + N_vis, D_dec]
+        B, n_tok, D = x.shape
+        N = ids_restore.shape[1]
+        masks = self.mask_token.expand(B, N + 1 - n_tok, -1)
+        x_ = torch.cat([x[:, 1:], masks], dim=1)  # [B, N, D_dec], visible first, in shuffled order
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))  # unshuffle to patch order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # [B, 1 + N, D_dec]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x))[:, 1:]  # [B, N, P]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss and the whole model
+
+
+def reconstruction_loss(pred, imgs, mask, patch_size, loss_on="masked", norm_pix=False):
+    """MSE between the reconstruction and the image, both [B, 3, H, W] with pixels in [0, 1].
+
+    loss_on="masked" averages over the pixels of masked patches only (mask [B, N], 1 = masked);
+    "all" over every pixel. norm_pix normalises each target patch by its own mean and std (MAE).
+    """
+    target = patchify(imgs, patch_size)  # [B, N, P]
+    if norm_pix:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = ((patchify(pred, patch_size) - target) ** 2).mean(dim=-1)  # [B, N]
+    if loss_on == "all" or mask.sum() == 0:  # with nothing masked (mask ratio 0), score every pixel
+        return per_patch.mean()
+    return (per_patch * mask).sum() / mask.sum()
+
+
+class GMAE(nn.Module):
+    """Encoder + (Gaussian | pixel) decoder + loss. Takes images in [0, 1]; normalises them for the encoder."""
+
+    def __init__(self, cfg: GMAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = GaussianDecoder(cfg) if cfg.decoder == "gaussians" else PixelDecoder(cfg)
+
+    def check_input(self, imgs):
+        size = self.cfg.img_size
+        if imgs.dim() != 4 or imgs.shape[1:] != (3, size, size):
+            raise ValueError(f"expected images [B, 3, {size}, {size}], got {tuple(imgs.shape)}")
+
+    def gaussians(self, imgs, mask_ratio=0.0, generator=None):
+        """Images [B, 3, H, W] -> valid Gaussians [B, K, 14], mask [B, N]. For zero-shot readings."""
+        if self.cfg.decoder != "gaussians":
+            raise ValueError("this model has a pixel decoder (MAE); it predicts no Gaussians")
+        self.check_input(imgs)
+        latents, mask, _, ids_keep = self.encoder(normalize(imgs), mask_ratio, generator)
+        return gaussian_activation(self.decoder(latents, ids_keep), self.cfg.scale_max), mask
+
+    def forward(self, imgs, mask_ratio=None, backend="auto", generator=None):
+        """imgs [B, 3, H, W] in [0, 1] -> dict(loss, pred [B, 3, H, W], mask [B, N], gaussians [B, K, 14] | None)."""
+        cfg = self.cfg
+        mask_ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
+        H, W = imgs.shape[-2:]
+        if cfg.decoder == "gaussians":
+            gaussians, mask = self.gaussians(imgs, mask_ratio, generator)
+            pred = splat.render(gaussians, H, W, background=1.0, backend=backend)
+        else:
+            self.check_input(imgs)
+            latents, mask, ids_restore, _ = self.encoder(normalize(imgs), mask_ratio, generator)
+            gaussians = None
+            pred = unpatchify(self.decoder(latents, ids_restore), cfg.patch_size, H, W)
+        loss = reconstruction_loss(pred, imgs, mask, cfg.patch_size, cfg.loss_on, cfg.norm_pix)
+        return {"loss": loss, "pred": pred, "mask": mask, "gaussians": gaussians}

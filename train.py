@@ -1,0 +1,239 @@
+"""
+Pretrain GMAE (or plain MAE with --decoder pixels) with the MAE recipe.
+
+    python train.py                                   # ~3 min on a 2-core CPU: 32 px synthetic scenes
+    python train.py --gaussians 512 --mask 0.75
+    python train.py --decoder pixels                  # the MAE baseline, same code path and loss
+    python train.py --data /path/to/imagenet --model base --img-size 224 --patch 16 --gaussians 512 \
+                    --epochs 400 --batch-size 256 --warmup-epochs 20      # the paper's setting (GPUs)
+
+Recipe (MAE, He et al. 2022, Sec. A.1; GMAE Table 5):
+    AdamW, betas (0.9, 0.95), weight decay 0.05 except biases, norms and tokens
+    lr = blr * batch / 256, linear warmup per iteration, then cosine to --min-lr
+    gradient clipping at --clip-grad; a loss that is not finite stops the run and names the step
+
+Writes to --out: checkpoint.pt (model, optimizer, config, epoch; written atomically), recon_epochNNN.png
+(rows: input / masked input / reconstruction), log.jsonl (one line per epoch). --resume continues.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import splat
+from data import build_dataset
+from model import GMAE, GMAEConfig, patchify, unpatchify
+
+# Model sizes: (enc_dim, enc_depth, enc_heads, dec_dim, dec_depth, dec_heads). "base" is the paper's ViT-B
+# with MAE's 512-wide, 8-deep decoder; "tiny" is the laptop default.
+MODEL_SIZES = {
+    "tiny": (192, 6, 3, 128, 2, 4),
+    "small": (384, 12, 6, 256, 4, 8),
+    "base": (768, 12, 12, 512, 8, 16),
+}
+NO_DECAY = ("cls_token", "pos_embed", "queries", "mask_token")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="synthetic", help="'synthetic' (embedded, default) or an image folder path")
+    p.add_argument("--n-synthetic", type=int, default=2048, help="number of synthetic training scenes")
+    p.add_argument("--model", default="tiny", choices=MODEL_SIZES, help="encoder/decoder size (paper: base)")
+    p.add_argument("--img-size", type=int, default=32, help="paper: 224")
+    p.add_argument("--patch", type=int, default=4, help="patch size (paper: 16)")
+    p.add_argument("--gaussians", type=int, default=128, help="number of Gaussians k (paper: 512)")
+    p.add_argument("--mask", type=float, default=0.75, help="mask ratio (paper: 0.75)")
+    p.add_argument("--scale-max", type=float, default=1.0, help="c in c*sigmoid(s)/8 (paper ablates 0.5/1/2)")
+    p.add_argument("--decoder", default="gaussians", choices=["gaussians", "pixels"], help="GMAE or plain MAE")
+    p.add_argument("--loss-on", default="masked", choices=["masked", "all"], help="pixels scored by the loss")
+    p.add_argument("--norm-pix", action="store_true", help="per-patch normalised targets (hurts GMAE)")
+    p.add_argument("--splat", default="auto", choices=splat.BACKENDS, help="rasterizer backend")
+    p.add_argument("--epochs", type=int, default=10, help="paper: 400")
+    p.add_argument("--batch-size", type=int, default=64, help="per step (paper: 4096 in total)")
+    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr; lr = blr * batch / 256 (paper: 1e-4)")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--warmup-epochs", type=float, default=1, help="paper: 20 (of 400)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 = off)")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/gmae", help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (for tests)")
+    return p.parse_args(argv)
+
+
+def config_from_args(args):
+    enc_dim, enc_depth, enc_heads, dec_dim, dec_depth, dec_heads = MODEL_SIZES[args.model]
+    return GMAEConfig(
+        img_size=args.img_size, patch_size=args.patch, enc_dim=enc_dim, enc_depth=enc_depth, enc_heads=enc_heads,
+        dec_dim=dec_dim, dec_depth=dec_depth, dec_heads=dec_heads, mask_ratio=args.mask,
+        num_gaussians=args.gaussians, scale_max=args.scale_max, decoder=args.decoder, loss_on=args.loss_on,
+        norm_pix=args.norm_pix,
+    )
+
+
+def param_groups(model, weight_decay):
+    """No weight decay on biases, norms (1-D tensors) and tokens / position embeddings (MAE)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.split(".")[-1] in NO_DECAY else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step, total_steps, warmup_steps, lr, min_lr):
+    """Linear warmup then half-cycle cosine, per iteration (MAE util/lr_sched.py)."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def save_checkpoint(path, model, optimizer, cfg, epoch, step):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
+         "epoch": epoch, "step": step},
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict with its config as a GMAEConfig; a clear error when there is none."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: make one with `python train.py --out {os.path.dirname(path) or '.'}`")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    names = {f.name for f in fields(GMAEConfig)}
+    ckpt["config"] = GMAEConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a checkpoint and rebuild its model. Returns (model, checkpoint dict)."""
+    ckpt = read_checkpoint(path, device)
+    cfg = ckpt["config"]
+    model = GMAE(cfg).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
+
+
+def masked_input(imgs, mask, p, fill=0.5):
+    """Images with the masked patches greyed out, for the PNG grid."""
+    x = patchify(imgs, p)
+    x = torch.where(mask.bool().unsqueeze(-1), torch.full_like(x, fill), x)
+    return unpatchify(x, p, imgs.shape[2], imgs.shape[3])
+
+
+def save_grid(path, rows, scale=4):
+    """rows: list of [B, 3, H, W] tensors in [0, 1] -> one PNG, one row per tensor, upscaled for viewing."""
+    grid = torch.cat([torch.cat(list(r.clamp(0, 1)), dim=2) for r in rows], dim=1)  # [3, rows*H, B*W]
+    arr = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+@torch.no_grad()
+def evaluate(model, imgs, backend, seed=0):
+    """Loss and PSNR on a fixed batch with a fixed mask, so epochs are comparable."""
+    model.eval()
+    out = model(imgs, backend=backend, generator=torch.Generator(imgs.device).manual_seed(seed))
+    model.train()
+    return out, out["loss"].item(), splat.psnr(out["pred"].clamp(0, 1), imgs)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    cfg = config_from_args(args)  # validates --gaussians, --mask, --img-size / --patch
+    if args.epochs < 1 or args.batch_size < 1:
+        raise SystemExit(f"--epochs and --batch-size must be >= 1, got {args.epochs} and {args.batch_size}")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    device = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+
+    train_set = build_dataset(args.data, args.img_size, train=True, n_synthetic=args.n_synthetic, seed=args.seed)
+    val_set = build_dataset(args.data, args.img_size, train=False, n_synthetic=64, seed=args.seed)
+    if len(train_set) < args.batch_size:
+        raise SystemExit(f"the dataset has {len(train_set)} images, fewer than --batch-size {args.batch_size}")
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
+        persistent_workers=args.workers > 0, pin_memory=device.type == "cuda",
+    )
+    val_imgs = torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]).to(device)
+
+    model = GMAE(cfg).to(device)
+    lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
+    start_epoch, step = 0, 0
+    if args.resume:
+        ckpt = read_checkpoint(ckpt_path, device)
+        if ckpt["config"] != cfg:
+            raise SystemExit(f"--resume: the checkpoint's config {ckpt['config']} differs from the flags' {cfg}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        print(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
+
+    steps_per_epoch = len(loader)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{cfg.decoder} decoder, {n_params / 1e6:.2f}M parameters, {len(train_set)} images, "
+          f"{steps_per_epoch} steps/epoch, lr {lr:.2e}, device {device}, splat {args.splat}")
+
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        t0, seen, loss_sum = time.time(), 0, 0.0
+        for imgs, _ in bar:
+            if args.max_steps is not None and step >= args.max_steps:
+                break
+            imgs = imgs.to(device, non_blocking=True)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, warmup_steps, lr, args.min_lr)
+            loss = model(imgs, backend=args.splat)["loss"]
+            if not torch.isfinite(loss):
+                raise SystemExit(f"loss is {loss.item()} at step {step} (epoch {epoch + 1}); stopping. The last "
+                                 f"good checkpoint is kept in {args.out}. Try a lower --blr or --clip-grad.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            step += 1
+            seen += imgs.shape[0]
+            loss_sum += loss.item() * imgs.shape[0]
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.time() - t0):.0f}")
+        if seen == 0:
+            break
+        out, val_loss, val_psnr = evaluate(model, val_imgs, args.splat)
+        record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen, "val_loss": val_loss,
+                  "val_psnr": val_psnr, "img_per_s": seen / (time.time() - t0)}
+        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        save_grid(os.path.join(args.out, f"recon_epoch{epoch + 1:03d}.png"),
+                  [val_imgs, masked_input(val_imgs, out["mask"], cfg.patch_size), out["pred"]])
+        save_checkpoint(ckpt_path, model, optimizer, cfg, epoch, step)
+    print(f"done: {ckpt_path}")
+    return model
+
+
+if __name__ == "__main__":
+    main()
