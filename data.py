@@ -1,0 +1,436 @@
+"""
+Data for GMAE: an embedded synthetic dataset, image folders, and the MAE transforms written with PIL + torch.
+
+Every dataset returns (image, label) with image a float tensor [3, H, W] in [0, 1]. The model normalises
+pixels itself (`normalize` below) because the encoder sees ImageNet-normalised pixels while the loss
+compares renders with [0, 1] pixels (../shared/DESIGN.md 1).
+
+1. SyntheticScenes: "dead leaves" scenes, no download. A background, then random occluding shapes, then one
+   foreground object whose class picks its shape and texture:
+       label c  ->  shape SHAPES[c % 5] in {disk, square, triangle, plus, ring},
+                    texture TEXTURES[c // 5] in {flat, stripes, checker}       (up to 15 classes)
+   with random colour, size, position and rotation. Shapes are signed distance fields sdf(p) in pixels
+   (negative inside), painted with coverage clip(0.5 - sdf, 0, 1): one line of anti-aliasing, no supersampling.
+   Item i comes from numpy's Generator seeded with (seed, i), so it is the same in every run and worker.
+   `scene(i)` also gives the ground truth for zero-shot evaluation (zeroshot.py):
+       layers [H, W] id of the visible shape (0 background, higher = nearer), mask = foreground pixels,
+       boundary = pixels whose layer id differs from the right or lower neighbour.
+2. ImageFolderDataset (root/<class>/<image>) and FlatFolderDataset (all images under a folder, label -1).
+3. Transforms on PIL images: RandomResizedCrop (torchvision's sampling), RandomHorizontalFlip, Resize,
+   CenterCrop, then to_tensor. They draw random numbers from torch's global RNG, which DataLoader seeds
+   per worker, exactly as torchvision does.
+
+Shapes: B batch, H x W pixels.  dataset[i] -> (image [3, H, W] in [0, 1], label int);  normalize: [..., 3, H, W].
+
+Try it:  python data.py --out synthetic_grid.png      (16 scenes: image | foreground mask | boundaries)
+"""
+import argparse
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SHAPES = ("disk", "square", "triangle", "plus", "ring")
+TEXTURES = ("flat", "stripes", "checker")
+VAL_SEED_OFFSET = 1_000_000  # the synthetic val split uses seed + this, so train and val never share scenes
+
+
+# ----------------------------------------------------------------------------- transforms (PIL in, PIL out)
+
+def to_tensor(img):
+    """PIL image -> float tensor [3, H, W] in [0, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)  # [H, W, 3]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def normalize(x):
+    """ImageNet normalisation (x - mean) / std of [3, H, W] or [B, 3, H, W] pixels in [0, 1]."""
+    if x.dim() < 3 or x.shape[-3] != 3:
+        raise ValueError(f"normalize expects [3, H, W] or [B, 3, H, W] RGB pixels, got shape {tuple(x.shape)}")
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def _pair(size):
+    h, w = (size, size) if isinstance(size, int) else size
+    if h < 1 or w < 1:
+        raise ValueError(f"image size must be positive, got {size}")
+    return h, w
+
+
+class Compose:
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, img):
+        for t in self.transforms:
+            img = t(img)
+        return img
+
+
+class RandomResizedCrop:
+    """MAE's pretraining crop: a random box with area fraction in `scale` and aspect ratio in `ratio`,
+    resized to `size` (bicubic). Sampling as torchvision: 10 tries, then a centre crop of clamped ratio."""
+
+    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = _pair(size), scale, ratio
+
+    def get_params(self, width, height):
+        """Returns the crop box (top, left, h, w) in pixels."""
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1]).item()
+            aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = torch.randint(0, height - h + 1, (1,)).item()
+                left = torch.randint(0, width - w + 1, (1,)).item()
+                return top, left, h, w
+        # No box fitted (a very elongated image): centre crop with the aspect ratio clamped into `ratio`.
+        in_ratio = width / height
+        w, h = width, height
+        if in_ratio < min(self.ratio):
+            h = int(round(w / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            w = int(round(h * max(self.ratio)))
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, img):
+        top, left, h, w = self.get_params(*img.size)
+        box = (left, top, left + w, top + h)
+        return img.resize((self.size[1], self.size[0]), Image.Resampling.BICUBIC, box=box)
+
+
+class RandomHorizontalFlip:
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, img):
+        if torch.rand(1).item() < self.p:
+            return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return img
+
+
+class Resize:
+    """Resize so the shorter side is `size`, keeping the aspect ratio (bicubic, as MAE's eval)."""
+
+    def __init__(self, size):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"Resize takes the shorter side as a positive int, got {size!r}")
+        self.size = size
+
+    def __call__(self, img):
+        w, h = img.size
+        if w <= h:
+            new_w, new_h = self.size, int(self.size * h / w)
+        else:
+            new_w, new_h = int(self.size * w / h), self.size
+        return img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+
+
+class CenterCrop:
+    def __init__(self, size):
+        self.size = _pair(size)
+
+    def __call__(self, img):
+        (ch, cw), (w, h) = self.size, img.size
+        if ch > h or cw > w:
+            raise ValueError(f"CenterCrop({ch}x{cw}) needs an image at least that large, got {h}x{w}; Resize first")
+        top, left = int(round((h - ch) / 2)), int(round((w - cw) / 2))
+        return img.crop((left, top, left + cw, top + ch))
+
+
+def train_transform(img_size):
+    """MAE pretraining augmentation: random resized crop (scale 0.2-1) + horizontal flip."""
+    return Compose([RandomResizedCrop(img_size, scale=(0.2, 1.0)), RandomHorizontalFlip(), to_tensor])
+
+
+def eval_transform(img_size):
+    """Standard evaluation: resize the shorter side to img_size / 0.875, centre crop img_size."""
+    return Compose([Resize(int(img_size / 0.875)), CenterCrop(img_size), to_tensor])
+
+
+def _apply(transform, img):
+    """Runs the transform on a PIL image; always returns a tensor [3, H, W] in [0, 1]."""
+    out = transform(img) if transform is not None else img
+    return to_tensor(out) if isinstance(out, Image.Image) else out
+
+
+# ----------------------------------------------------------------------------- synthetic dead-leaves scenes
+
+def _sdf(kind, u, v, r, aspect=1.0):
+    """Signed distance in pixels (negative inside) of a shape of radius r centred at the origin of its own
+    rotated frame (u, v). Polygons use max over edge distances: exact on the edges, which is all the
+    anti-aliasing needs."""
+    if kind == "disk":
+        return np.hypot(u, v) - r
+    if kind == "ring":  # annulus between 0.4 r and r
+        return np.abs(np.hypot(u, v) - 0.7 * r) - 0.3 * r
+    if kind == "square":
+        return np.maximum(np.abs(u), np.abs(v)) - 0.8 * r
+    if kind == "rect":
+        return np.maximum(np.abs(u) - r, np.abs(v) - aspect * r)
+    if kind == "plus":  # union of two bars = min of their distances
+        return np.minimum(np.maximum(np.abs(u) - r, np.abs(v) - 0.3 * r), np.maximum(np.abs(u) - 0.3 * r, np.abs(v) - r))
+    if kind == "triangle":  # equilateral, circumradius 1.25 r: edges at distance 1.25 r / 2 from the centre
+        edges = np.maximum(np.maximum(-v, 0.866 * u + 0.5 * v), -0.866 * u + 0.5 * v)
+        return edges - 0.625 * r
+    raise ValueError(f"unknown shape {kind!r}")
+
+
+def _paint(rng, texture, colour, x, y, img_size):
+    """Colour field of a shape: flat, or colour plus a contrasting second colour in stripes or a checkerboard."""
+    if texture == "flat":
+        return colour
+    # Second colour: a much darker shade of a light colour, or a much lighter shade of a dark one.
+    second = colour * 0.3 if colour.mean() > 0.5 else 0.7 + 0.3 * colour
+    period = max(3.0, rng.uniform(0.12, 0.2) * img_size)
+    angle, phase = rng.uniform(0, math.pi), rng.uniform(0, 2 * math.pi)
+    c, s, f = math.cos(angle), math.sin(angle), 2 * math.pi / period
+    wave = np.sin((x * c + y * s) * f + phase)
+    if texture == "checker":
+        wave = wave * np.sin((y * c - x * s) * f)
+    w = np.clip(0.5 + 2.0 * wave, 0, 1)[..., None]  # a square wave with soft (anti-aliased) edges
+    return colour * (1 - w) + second * w
+
+
+def _background(rng, x, y, img_size):
+    kind = rng.integers(3)
+    c0, c1 = rng.uniform(0.05, 0.95, 3).astype(np.float32), rng.uniform(0.05, 0.95, 3).astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    t = (x * math.cos(angle) + y * math.sin(angle)) / img_size  # in about [-1.4, 1.4]
+    if kind == 0:  # flat
+        return np.broadcast_to(c0, x.shape + (3,))
+    if kind == 1:  # linear gradient
+        w = (t - t.min()) / (t.max() - t.min())
+    else:  # slow waves
+        w = 0.5 + 0.5 * np.sin(t * rng.uniform(4, 10) + rng.uniform(0, 2 * math.pi))
+    return c0 * (1 - w[..., None]) + c1 * w[..., None]
+
+
+def render_scene(rng, img_size, label, max_occluders=8):
+    """One dead-leaves scene: background, 2..max_occluders occluders, then the foreground of class `label`.
+    Returns image uint8 [H, W, 3], layers int64 [H, W] (0 background, k = k-th shape painted) and the
+    foreground's layer id."""
+    coords = np.arange(img_size, dtype=np.float32) + 0.5  # pixel i has its centre at i + 0.5
+    x, y = np.meshgrid(coords, coords)  # [H, W] each; x right, y down
+    img = _background(rng, x, y, img_size)  # [H, W, 3]
+    layers = np.zeros((img_size, img_size), np.int64)
+
+    # Occluders anywhere, any size; the foreground near the centre, large, drawn last so it is never hidden.
+    shapes = []
+    for _ in range(rng.integers(2, max_occluders + 1)):
+        kind = ("disk", "rect", "triangle")[rng.integers(3)]
+        texture = TEXTURES[rng.integers(3)] if rng.random() < 0.4 else "flat"
+        r = img_size * math.exp(rng.uniform(math.log(0.08), math.log(0.35)))
+        shapes.append((kind, texture, r, rng.uniform(0, img_size, 2)))
+    r = img_size * rng.uniform(0.2, 0.3)
+    shapes.append((SHAPES[label % len(SHAPES)], TEXTURES[label // len(SHAPES)], r, rng.uniform(0.3, 0.7, 2) * img_size))
+
+    for k, (kind, texture, r, (cx, cy)) in enumerate(shapes, start=1):
+        angle, aspect = rng.uniform(0, 2 * math.pi), rng.uniform(0.3, 1.0)
+        c, s = math.cos(angle), math.sin(angle)
+        u, v = c * (x - cx) + s * (y - cy), c * (y - cy) - s * (x - cx)  # the shape's rotated frame
+        sdf = _sdf(kind, u, v, r, aspect)
+        inside = sdf <= 0
+        colour = rng.uniform(0.05, 0.95, 3).astype(np.float32)
+        if k == len(shapes):  # keep the foreground visible: redraw a colour too close to its surroundings
+            around = (sdf > 0) & (sdf <= 3)
+            surround = img[around].mean(0) if around.any() else colour
+            for _ in range(10):
+                if np.abs(colour - surround).sum() > 0.6:
+                    break
+                colour = rng.uniform(0.05, 0.95, 3).astype(np.float32)
+        cover = np.clip(0.5 - sdf, 0, 1)[..., None]  # pixel coverage, >= 0.5 exactly where sdf <= 0
+        img = img * (1 - cover) + _paint(rng, texture, colour, x, y, img_size) * cover
+        layers[inside] = k
+    return np.round(img * 255).astype(np.uint8), layers, len(shapes)
+
+
+def boundary_map(layers):
+    """True where the layer id differs from the right or lower neighbour: one pixel wide, on one side."""
+    b = np.zeros(layers.shape, bool)
+    b[:, :-1] |= layers[:, :-1] != layers[:, 1:]
+    b[:-1, :] |= layers[:-1, :] != layers[1:, :]
+    return b
+
+
+class SyntheticScenes(Dataset):
+    """n dead-leaves scenes of img_size x img_size; item i has label i % num_classes (balanced classes)."""
+
+    def __init__(self, n, img_size=32, num_classes=10, seed=0, transform=None):
+        max_classes = len(SHAPES) * len(TEXTURES)
+        if n < 1:
+            raise ValueError(f"SyntheticScenes needs n >= 1 images, got {n}")
+        if img_size < 8:
+            raise ValueError(f"SyntheticScenes needs img_size >= 8 to draw recognisable shapes, got {img_size}")
+        if not 1 <= num_classes <= max_classes:
+            raise ValueError(f"num_classes must be in 1..{max_classes} (5 shapes x 3 textures), got {num_classes}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.n, self.img_size, self.num_classes, self.seed, self.transform = n, img_size, num_classes, seed, transform
+        self.classes = [f"{SHAPES[c % len(SHAPES)]}-{TEXTURES[c // len(SHAPES)]}" for c in range(num_classes)]
+
+    def __len__(self):
+        return self.n
+
+    def _render(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(f"scene index {i} out of range for {self.n} scenes")
+        label = i % self.num_classes
+        rng = np.random.default_rng([self.seed, i])  # depends on (seed, i) only: any order, any worker
+        img, layers, fg = render_scene(rng, self.img_size, label)
+        return img, layers, fg, label
+
+    def __getitem__(self, i):
+        img, _, _, label = self._render(i)
+        return _apply(self.transform, Image.fromarray(img)), label
+
+    def scene(self, i):
+        """Untransformed scene i with its ground truth: dict of image [3, H, W] float in [0, 1], label int,
+        mask [H, W] bool (visible foreground), boundary [H, W] bool, layers [H, W] int64."""
+        img, layers, fg, label = self._render(i)
+        return {
+            "image": torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0),
+            "label": label,
+            "mask": torch.from_numpy(layers == fg),
+            "boundary": torch.from_numpy(boundary_map(layers)),
+            "layers": torch.from_numpy(layers),
+        }
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def _is_image(name):
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def list_images(folder):
+    """Every image file under folder (recursive, extensions case-insensitive, hidden files skipped), sorted."""
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        paths += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+    return paths
+
+
+def _check_dir(root):
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data folder {root} does not exist; check the path or use data='synthetic'")
+
+
+def _no_images(where):
+    return FileNotFoundError(f"no images found under {where} (looked for {', '.join(IMG_EXTENSIONS)}, any case)")
+
+
+def load_rgb(path):
+    """Opens an image file as RGB; a file PIL cannot decode is an error naming the file, never skipped."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError or ValueError depending on the damage
+        raise RuntimeError(f"could not read image {path}: {e}. Replace or delete the file.") from e
+
+
+class ImageFolderDataset(Dataset):
+    """root/<class>/**/<image>: classes are the sorted subfolder names, labels their indices."""
+
+    def __init__(self, root, transform=None):
+        _check_dir(root)
+        self.root, self.transform = root, transform
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        self.num_classes = len(self.classes)
+        per_class = [list_images(os.path.join(root, name)) for name in self.classes]
+        if not any(per_class):
+            raise _no_images(os.path.join(root, "<class>"))
+        self.samples = []  # [(path, label)]
+        for label, (name, paths) in enumerate(zip(self.classes, per_class)):
+            if not paths:
+                raise FileNotFoundError(f"class folder {os.path.join(root, name)} has no images; add some or remove it")
+            self.samples += [(p, label) for p in paths]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return _apply(self.transform, load_rgb(path)), label
+
+
+class FlatFolderDataset(Dataset):
+    """Every image under root (recursive), unlabelled: label -1, num_classes None."""
+
+    def __init__(self, root, transform=None):
+        _check_dir(root)
+        self.root, self.transform = root, transform
+        self.samples = list_images(root)
+        if not self.samples:
+            raise _no_images(root)
+        self.classes, self.num_classes = [], None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return _apply(self.transform, load_rgb(self.samples[i])), -1
+
+
+def build_dataset(data, img_size, train=True, n_synthetic=None, seed=0):
+    """data = "synthetic" or a folder. Folders: root/{train,val} picks the split when both exist; then image
+    files directly in the folder make it a flat folder, otherwise subfolders are classes.
+    n_synthetic defaults to 2048 train / 512 val scenes; the val scenes use seed + VAL_SEED_OFFSET."""
+    if not isinstance(img_size, int) or img_size < 1:
+        raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
+    if data == "synthetic":
+        n = n_synthetic or (2048 if train else 512)
+        # Scenes are generated at img_size, so evaluation needs no resize or crop (which would also move
+        # the images off their masks and boundaries).
+        if train:
+            return SyntheticScenes(n, img_size, seed=seed, transform=train_transform(img_size))
+        return SyntheticScenes(n, img_size, seed=seed + VAL_SEED_OFFSET)
+    transform = train_transform(img_size) if train else eval_transform(img_size)
+    root = data
+    if os.path.isdir(os.path.join(data, "train")) and os.path.isdir(os.path.join(data, "val")):
+        root = os.path.join(data, "train" if train else "val")
+    _check_dir(root)
+    loose = any(_is_image(f) for f in os.listdir(root))
+    return FlatFolderDataset(root, transform) if loose else ImageFolderDataset(root, transform)
+
+
+# ----------------------------------------------------------------------------- a picture of the synthetic data
+
+def scene_grid(dataset, n=16, cols=4, zoom=4):
+    """PIL image of n scenes, each as three panels: image | foreground mask | boundaries in red."""
+    s = dataset.img_size
+    gap = np.full((s, 2, 3), 255, np.uint8)
+    grid = Image.new("RGB", (cols * (3 * s + 6), -(-n // cols) * (s + 2)), (255, 255, 255))
+    for i in range(n):
+        sc = dataset.scene(i)
+        img = np.round(sc["image"].permute(1, 2, 0).numpy() * 255).astype(np.uint8)  # [H, W, 3]
+        mask = np.repeat(sc["mask"].numpy()[..., None], 3, axis=2).astype(np.uint8) * 255
+        edges = img.copy()
+        edges[sc["boundary"].numpy()] = (255, 0, 0)
+        tile = np.concatenate([img, gap, mask, gap, edges, gap], axis=1)
+        grid.paste(Image.fromarray(tile), ((i % cols) * (3 * s + 6), (i // cols) * (s + 2)))
+    return grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Save a grid of synthetic dead-leaves scenes.")
+    parser.add_argument("--out", default="synthetic_grid.png", help="PNG file to write")
+    parser.add_argument("--n", type=int, default=16, help="number of scenes")
+    parser.add_argument("--img-size", type=int, default=32, help="scene size in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed")
+    args = parser.parse_args()
+    ds = SyntheticScenes(args.n, args.img_size, seed=args.seed)
+    scene_grid(ds, args.n).save(args.out)
+    print(f"wrote {args.out}: {args.n} scenes ({', '.join(ds.classes)})")
