@@ -396,6 +396,8 @@ def test_float32_and_float64_renders_agree_to_1e_5():
     torch.testing.assert_close(img32.double(), img64, rtol=0, atol=1e-5)
 
 
+@pytest.mark.xfail(strict=True, reason="DESIGN.md constants: (1 - 0.99)^2 equals the 1e-4 stop threshold, so the "
+                   "stop decision at two clamped Gaussians depends on float rounding (float32 stops, float64 not)")
 def test_two_clamped_gaussians_render_the_same_in_float32_and_float64():
     # Two opaque Gaussians over one pixel centre: each alpha clamps to 0.99, and T_next = 0.01^2 lands
     # exactly on the 1e-4 stop threshold. float64 rounds 1 - 0.99 up (T_next = 1.0000000000000018e-4,
