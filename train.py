@@ -12,8 +12,9 @@ Recipe (MAE, He et al. 2022, Sec. A.1; GMAE Table 5):
     lr = blr * batch / 256, linear warmup per iteration, then cosine to --min-lr
     gradient clipping at --clip-grad; a loss that is not finite stops the run and names the step
 
-Writes to --out: checkpoint.pt (model, optimizer, config, epoch; written atomically), recon_epochNNN.png
-(rows: input / masked input / reconstruction), log.jsonl (one line per epoch). --resume continues.
+Writes to --out: checkpoint.pt (model, optimizer, config, epoch; written atomically), log.jsonl (one line
+per epoch) and recon_epochNNN.png, rows: input / masked input / reconstruction / the reconstruction's masked
+patches pasted into the input. --resume continues from checkpoint.pt.
 """
 import argparse
 import json
@@ -131,10 +132,9 @@ def load_checkpoint(path, device="cpu"):
     return model, ckpt
 
 
-def masked_input(imgs, mask, p, fill=0.5):
-    """Images with the masked patches greyed out, for the PNG grid."""
-    x = patchify(imgs, p)
-    x = torch.where(mask.bool().unsqueeze(-1), torch.full_like(x, fill), x)
+def paste_patches(imgs, fill, mask, p):
+    """imgs with their masked patches (mask [B, N], 1 = masked) replaced by those of fill (same shape)."""
+    x = torch.where(mask.bool().unsqueeze(-1), patchify(fill, p), patchify(imgs, p))
     return unpatchify(x, p, imgs.shape[2], imgs.shape[3])
 
 
@@ -228,8 +228,10 @@ def main(argv=None):
         print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        grey, mask, pred = torch.full_like(val_imgs, 0.5), out["mask"], out["pred"]
         save_grid(os.path.join(args.out, f"recon_epoch{epoch + 1:03d}.png"),
-                  [val_imgs, masked_input(val_imgs, out["mask"], cfg.patch_size), out["pred"]])
+                  [val_imgs, paste_patches(val_imgs, grey, mask, cfg.patch_size), pred,
+                   paste_patches(val_imgs, pred, mask, cfg.patch_size)])
         save_checkpoint(ckpt_path, model, optimizer, cfg, epoch, step)
     print(f"done: {ckpt_path}")
     return model
