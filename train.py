@@ -1,7 +1,7 @@
 """
 Pretrain GMAE (or plain MAE with --decoder pixels) with the MAE recipe.
 
-    python train.py                                   # ~3 min on a 2-core CPU: 32 px synthetic scenes
+    python train.py                                   # ~2 min on a 2-core CPU: 32 px synthetic scenes
     python train.py --gaussians 512 --mask 0.75
     python train.py --decoder pixels                  # the MAE baseline, same code path and loss
     python train.py --data /path/to/imagenet --model base --img-size 224 --patch 16 --gaussians 512 \
@@ -50,7 +50,7 @@ def get_args(argv=None):
     p.add_argument("--model", default="tiny", choices=MODEL_SIZES, help="encoder/decoder size (paper: base)")
     p.add_argument("--img-size", type=int, default=32, help="paper: 224")
     p.add_argument("--patch", type=int, default=4, help="patch size (paper: 16)")
-    p.add_argument("--gaussians", type=int, default=128, help="number of Gaussians k (paper: 512)")
+    p.add_argument("--gaussians", type=int, default=64, help="number of Gaussians k (paper: 512)")
     p.add_argument("--mask", type=float, default=0.75, help="mask ratio (paper: 0.75)")
     p.add_argument("--scale-max", type=float, default=1.0, help="c in c*sigmoid(s)/8 (paper ablates 0.5/1/2)")
     p.add_argument("--decoder", default="gaussians", choices=["gaussians", "pixels"], help="GMAE or plain MAE")
@@ -140,7 +140,7 @@ def paste_patches(imgs, fill, mask, p):
 
 def save_grid(path, rows, scale=4):
     """rows: list of [B, 3, H, W] tensors in [0, 1] -> one PNG, one row per tensor, upscaled for viewing."""
-    grid = torch.cat([torch.cat(list(r.clamp(0, 1)), dim=2) for r in rows], dim=1)  # [3, rows*H, B*W]
+    grid = torch.cat([torch.cat(list(r.detach().clamp(0, 1)), dim=2) for r in rows], dim=1)  # [3, rows*H, B*W]
     arr = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     img = Image.fromarray(arr)
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
