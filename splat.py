@@ -30,9 +30,13 @@ Shapes: B images, K Gaussians, H x W pixels.
 
 Try it:  python -c "import splat, torch; print(splat.render(torch.rand(1, 8, 14), 16, 16).shape)"
 """
+import functools
 import math
+import os
+import warnings
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # Compositing constants of DESIGN.md 3 (the values of the 3DGS / gsplat reference rasterizers).
 ALPHA_MAX = 0.99  # alpha clamp; no gradient flows through the clamp
@@ -146,17 +150,126 @@ def rasterize_torch(means2d, conic, depth, rgb, opacity, H, W, background=1.0):
 
 # ---------------------------------------------------------------------------------------------------------
 # Backends. "torch" is the reference above; the compiled kernels join through `_RASTERIZERS`.
+#
+# "cpu" (splat_cpu.cpp, OpenMP) and "cuda" (splat_cuda.cu) are tile-based: each 16 x 16 tile composites only
+# the Gaussians whose culling box meets it, so the cost is pixels x Gaussians-per-pixel, not pixels x K.
+# Both include splat_kernel.h, where the per-pixel forward and backward math is written once. They are
+# compiled on first use by torch.utils.cpp_extension.load (cached in ~/.cache/torch_extensions, or in
+# $TORCH_EXTENSIONS_DIR) and share one autograd.Function. Projection stays in torch; depth only orders the
+# Gaussians, so, as in the reference, it gets no gradient.
 
-_RASTERIZERS = {"torch": rasterize_torch}
-BACKENDS = ("auto", "torch")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_KERNEL_SOURCES = {"cpu": "splat_cpu.cpp", "cuda": "splat_cuda.cu"}
+_extensions = {}  # backend -> compiled module, or the exception its build raised (so it is tried once)
+_warned_fallback = False
+
+
+def _load_extension(backend):
+    """The compiled module of "cpu" or "cuda", built on first use; RuntimeError (with the compiler's output)
+    if it cannot be built or loaded. Successes and failures are both remembered for the process."""
+    if backend not in _extensions:
+        try:
+            if backend == "cuda" and not torch.cuda.is_available():
+                raise RuntimeError("torch.cuda.is_available() is False: no GPU, or a CPU-only torch build")
+            from torch.utils.cpp_extension import load
+
+            openmp = ["-fopenmp"] if backend == "cpu" else []
+            _extensions[backend] = load(
+                name=f"splat_{backend}_ext",
+                sources=[os.path.join(_HERE, _KERNEL_SOURCES[backend])],
+                extra_cflags=["-O3"] + openmp,
+                extra_cuda_cflags=["-O3"],
+                extra_ldflags=openmp,
+            )
+        except Exception as e:  # compiler missing, compile error, import error: all mean "not available"
+            _extensions[backend] = e
+    ext = _extensions[backend]
+    if isinstance(ext, Exception):
+        raise RuntimeError(f"splat backend {backend!r} is not available: {ext}") from ext
+    return ext
+
+
+def available_backends():
+    """Backends that work on this machine: "torch" always, "cpu" if it builds, "cuda" if there is a GPU and
+    it builds. Calling this compiles the kernels (once per process; cached on disk across processes)."""
+    names = ["torch"]
+    for backend in ("cpu", "cuda"):
+        try:
+            _load_extension(backend)
+            names.append(backend)
+        except RuntimeError:
+            pass
+    return names
+
+
+class _RasterizeKernel(torch.autograd.Function):
+    """rasterize with a compiled kernel. Forward saves the final T and the number of entries up to the last
+    contributor per pixel plus the tile lists (never a [B, HW, K] tensor); backward walks back to front."""
+
+    @staticmethod
+    def forward(ctx, ext, means2d, conic, depth, rgb, opacity, H, W, background):
+        inputs = [t.contiguous() for t in (means2d, conic, rgb, opacity)]
+        order = depth_order(depth)  # the reference's stable sort: equal depths keep index order
+        image, final_t, n_contrib, tile_offsets, tile_ids = ext.forward(*inputs, order, H, W, background)
+        ctx.ext, ctx.background = ext, background
+        ctx.save_for_backward(*inputs, final_t, n_contrib, tile_offsets, tile_ids)
+        return image
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_image):
+        grads = ctx.ext.backward(*ctx.saved_tensors, grad_image.contiguous(), ctx.background)  # [B, K, 9]
+        g_means2d, g_conic, g_opacity, g_rgb = grads.split([2, 3, 1, 3], dim=-1)
+        return None, g_means2d, g_conic, None, g_rgb, g_opacity.squeeze(-1), None, None, None
+
+
+def _rasterize_kernel(backend, means2d, conic, depth, rgb, opacity, H, W, background=1.0):
+    ext = _load_extension(backend)
+    device = "cuda" if backend == "cuda" else "cpu"
+    if means2d.device.type != device:
+        raise ValueError(f"backend {backend!r} needs {device} tensors, got {means2d.device}; use backend='auto'")
+    return _RasterizeKernel.apply(ext, means2d, conic, depth, rgb, opacity, int(H), int(W), float(background))
+
+
+def _auto_backend(device):
+    """cuda for CUDA tensors, cpu for CPU tensors, else the torch reference (with one warning per process)."""
+    global _warned_fallback
+    kernel = {"cuda": "cuda", "cpu": "cpu"}.get(device.type)
+    try:
+        if kernel is None:
+            raise RuntimeError(f"no compiled kernel for {device.type} tensors")
+        _load_extension(kernel)
+        return kernel
+    except RuntimeError as e:
+        if not _warned_fallback:
+            _warned_fallback = True
+            reason = str(e).splitlines()[0]
+            warnings.warn(
+                f"splat: backend='auto' falls back to the slow torch reference ({reason}); "
+                f"backend={kernel or 'cpu'!r} raises with the full compiler output",
+                stacklevel=3,
+            )
+        return "torch"
+
+
+_RASTERIZERS = {
+    "torch": rasterize_torch,
+    "cpu": functools.partial(_rasterize_kernel, "cpu"),
+    "cuda": functools.partial(_rasterize_kernel, "cuda"),
+}
+BACKENDS = ("auto", "torch", "cpu", "cuda")
 
 
 def rasterize(means2d, conic, depth, rgb, opacity, H, W, background=1.0, backend="torch"):
-    """Dispatch to a rasterizer backend; all take and return the same tensors."""
+    """Dispatch to a rasterizer backend; all take and return the same tensors.
+
+    "auto" picks cuda for CUDA tensors and cpu for CPU tensors and falls back to "torch" with one warning;
+    an explicit "cpu" or "cuda" that cannot be built raises RuntimeError with the compiler's message.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "torch"
+        backend = _auto_backend(means2d.device)
     return _RASTERIZERS[backend](means2d, conic, depth, rgb, opacity, H, W, background)
 
 

@@ -1,0 +1,326 @@
+/*
+ * splat_cpu.cpp -- tile-based Gaussian rasterizer for the CPU (OpenMP), forward and backward.
+ *
+ * Same result as `rasterize_torch` in splat.py (the spec) up to float rounding; the per-pixel math is in
+ * splat_kernel.h, shared with splat_cuda.cu. Three stages:
+ *
+ *   1. bin:      every Gaussian's culling box -> the 16 x 16 tiles it meets. Count per tile, prefix-sum,
+ *                fill in depth order, so each tile's list is already sorted front to back:
+ *                    tile_offsets [B * n_tiles + 1] (int64),  tile_ids [n_entries] (int32 Gaussian index)
+ *   2. forward:  one (image, tile) per task; the tile's Gaussians are copied into a contiguous buffer,
+ *                then each pixel composites front to back and stops when T would reach 1e-4.
+ *                Saved for backward: final_T [B, H, W] and n_contrib [B, H, W] (list entries up to and
+ *                including the last contributor) -- never a per-pixel list.
+ *   3. backward: per pixel, walk back from the last contributor (splat_kernel.h). Each tile writes the
+ *                gradients of its list entries into its own rows of a [n_entries, 9] buffer (no two tasks
+ *                share a row: no races, no atomics, and the sum order is fixed, so results do not depend
+ *                on the thread count); one pass per image then adds the rows into [B, K, 9].
+ *
+ * Cost: O(pixels x Gaussians per tile) instead of the reference's O(pixels x K).
+ * Built on first use by splat.py (torch.utils.cpp_extension.load); float32 and float64.
+ */
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "splat_kernel.h"
+
+namespace {
+
+using splat::Gaussian2D;
+using splat::TILE;
+
+struct Grid {  // the tiling of one H x W image
+  int H, W, tiles_x, tiles_y;
+  Grid(int H, int W) : H(H), W(W), tiles_x((W + TILE - 1) / TILE), tiles_y((H + TILE - 1) / TILE) {}
+  int n_tiles() const { return tiles_x * tiles_y; }
+};
+
+template <typename scalar_t>
+struct Inputs {  // raw pointers into the contiguous [B, K, .] tensors
+  const scalar_t *means2d, *conic, *rgb, *opacity;
+  Gaussian2D<scalar_t> gaussian(long long i) const {
+    return splat::load_gaussian(means2d, conic, rgb, opacity, i);
+  }
+};
+
+template <typename scalar_t>
+Inputs<scalar_t> inputs(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
+                        const at::Tensor& opacity) {
+  return {means2d.data_ptr<scalar_t>(), conic.data_ptr<scalar_t>(), rgb.data_ptr<scalar_t>(),
+          opacity.data_ptr<scalar_t>()};
+}
+
+// Stage 1: per-tile lists of Gaussian indices, each in depth order (order [B, K] = depth argsort).
+template <typename scalar_t>
+std::vector<at::Tensor> bin_gaussians(const Inputs<scalar_t>& in, const int64_t* order, int B, int K,
+                                      const Grid& grid) {
+  const int n_tiles = grid.n_tiles();
+  std::vector<splat::PixelRect> rects(size_t(B) * K);
+  std::vector<char> visible(size_t(B) * K);
+  std::vector<int64_t> counts(size_t(B) * n_tiles + 1, 0);
+
+#pragma omp parallel for schedule(static)
+  for (int b = 0; b < B; ++b) {
+    int64_t* count = counts.data() + size_t(b) * n_tiles;
+    for (int k = 0; k < K; ++k) {
+      splat::PixelRect& r = rects[size_t(b) * K + k];
+      visible[size_t(b) * K + k] = splat::pixel_rect(in.gaussian(int64_t(b) * K + k), grid.H, grid.W, r);
+      if (!visible[size_t(b) * K + k]) continue;
+      for (int ty = r.y0 / TILE; ty <= r.y1 / TILE; ++ty)
+        for (int tx = r.x0 / TILE; tx <= r.x1 / TILE; ++tx) ++count[ty * grid.tiles_x + tx];
+    }
+  }
+
+  // Exclusive prefix sum over (image, tile): where each tile's list starts.
+  at::Tensor tile_offsets = at::empty({int64_t(B) * n_tiles + 1}, at::kLong);
+  int64_t* offsets = tile_offsets.data_ptr<int64_t>();
+  offsets[0] = 0;
+  for (size_t t = 0; t < size_t(B) * n_tiles; ++t) offsets[t + 1] = offsets[t] + counts[t];
+  at::Tensor tile_ids = at::empty({offsets[size_t(B) * n_tiles]}, at::kInt);
+  int32_t* ids = tile_ids.data_ptr<int32_t>();
+
+#pragma omp parallel for schedule(static)
+  for (int b = 0; b < B; ++b) {
+    std::vector<int64_t> cursor(offsets + size_t(b) * n_tiles, offsets + size_t(b + 1) * n_tiles);
+    for (int rank = 0; rank < K; ++rank) {  // front to back, so every list comes out sorted
+      const int k = int(order[int64_t(b) * K + rank]);
+      if (!visible[size_t(b) * K + k]) continue;
+      const splat::PixelRect& r = rects[size_t(b) * K + k];
+      for (int ty = r.y0 / TILE; ty <= r.y1 / TILE; ++ty)
+        for (int tx = r.x0 / TILE; tx <= r.x1 / TILE; ++tx) ids[cursor[ty * grid.tiles_x + tx]++] = k;
+    }
+  }
+  return {tile_offsets, tile_ids};
+}
+
+// The Gaussians of one tile, copied out in list (depth) order so the loops below stream through memory.
+template <typename scalar_t>
+std::vector<Gaussian2D<scalar_t>> stage_tile(const Inputs<scalar_t>& in, const int32_t* ids, int64_t begin,
+                                             int64_t end, int b, int K) {
+  std::vector<Gaussian2D<scalar_t>> staged(end - begin);
+  for (int64_t j = begin; j < end; ++j) staged[j - begin] = in.gaussian(int64_t(b) * K + ids[j]);
+  return staged;
+}
+
+// One tile's pixels, and the part of a Gaussian's culling box inside it. The loops below run Gaussian by
+// Gaussian over only the pixels of that box (the same (pixel, Gaussian) pairs in the same per-pixel order as
+// a pixel-by-pixel loop over the whole list, minus pairs the box proves are skipped anyway).
+struct Tile {
+  int x_begin, y_begin, w, h;  // w, h < TILE at the right and bottom borders
+  Tile(const Grid& grid, int tile)
+      : x_begin((tile % grid.tiles_x) * TILE), y_begin((tile / grid.tiles_x) * TILE),
+        w(std::min(TILE, grid.W - x_begin)), h(std::min(TILE, grid.H - y_begin)) {}
+  template <typename scalar_t>
+  bool clip(const Gaussian2D<scalar_t>& g, const Grid& grid, splat::PixelRect& r) const {
+    if (!splat::pixel_rect(g, grid.H, grid.W, r)) return false;
+    r.x0 = std::max(r.x0, x_begin), r.x1 = std::min(r.x1, x_begin + w - 1);
+    r.y0 = std::max(r.y0, y_begin), r.y1 = std::min(r.y1, y_begin + h - 1);
+    return r.x0 <= r.x1 && r.y0 <= r.y1;
+  }
+  int local(int x, int y) const { return (y - y_begin) * TILE + (x - x_begin); }
+};
+
+// Stage 2. Returns image [B, 3, H, W], final_T [B, H, W], n_contrib [B, H, W] (int32).
+template <typename scalar_t>
+std::vector<at::Tensor> rasterize_forward(const Inputs<scalar_t>& in, const at::Tensor& tile_offsets,
+                                          const at::Tensor& tile_ids, int B, int K, const Grid& grid,
+                                          double background, const at::TensorOptions& options) {
+  const int H = grid.H, W = grid.W, n_tiles = grid.n_tiles();
+  at::Tensor image = at::empty({B, 3, H, W}, options);
+  at::Tensor final_T = at::empty({B, H, W}, options);
+  at::Tensor n_contrib = at::empty({B, H, W}, options.dtype(at::kInt));
+  scalar_t* img = image.data_ptr<scalar_t>();
+  scalar_t* fT = final_T.data_ptr<scalar_t>();
+  int32_t* last = n_contrib.data_ptr<int32_t>();
+  const int64_t* offsets = tile_offsets.data_ptr<int64_t>();
+  const int32_t* ids = tile_ids.data_ptr<int32_t>();
+  const scalar_t bg = scalar_t(background);
+  const int64_t HW = int64_t(H) * W;
+
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t job = 0; job < int64_t(B) * n_tiles; ++job) {
+    const int b = int(job / n_tiles);
+    const Tile tile(grid, int(job % n_tiles));
+    const auto staged = stage_tile(in, ids, offsets[job], offsets[job + 1], b, K);
+    // Per-pixel state, front to back: transmittance, colour, list entries used, still compositing?
+    scalar_t T[TILE * TILE], C[TILE * TILE][3];
+    int n_used[TILE * TILE];
+    bool live[TILE * TILE];
+    for (int p = 0; p < TILE * TILE; ++p) T[p] = 1, C[p][0] = C[p][1] = C[p][2] = 0, n_used[p] = 0, live[p] = true;
+    int n_live = tile.w * tile.h;
+
+    for (int j = 0; j < int(staged.size()) && n_live > 0; ++j) {
+      const Gaussian2D<scalar_t>& g = staged[j];
+      splat::PixelRect r;
+      if (!tile.clip(g, grid, r)) continue;
+      const scalar_t power_min = splat::power_floor(g);
+      for (int y = r.y0; y <= r.y1; ++y) {
+        for (int x = r.x0; x <= r.x1; ++x) {
+          const int p = tile.local(x, y);
+          splat::Hit<scalar_t> h;
+          if (!live[p] || !splat::evaluate(g, scalar_t(x) + scalar_t(0.5), scalar_t(y) + scalar_t(0.5), power_min, h))
+            continue;
+          if (splat::blend(g, h.alpha, T[p], C[p])) {
+            n_used[p] = j + 1;
+          } else {  // saturated: this pixel takes no more Gaussians
+            live[p] = false;
+            --n_live;
+          }
+        }
+      }
+    }
+
+    for (int y = tile.y_begin; y < tile.y_begin + tile.h; ++y) {
+      for (int x = tile.x_begin; x < tile.x_begin + tile.w; ++x) {
+        const int p = tile.local(x, y);
+        const int64_t q = y * int64_t(W) + x;
+        for (int ch = 0; ch < 3; ++ch) img[(int64_t(b) * 3 + ch) * HW + q] = C[p][ch] + T[p] * bg;
+        fT[b * HW + q] = T[p];
+        last[b * HW + q] = n_used[p];
+      }
+    }
+  }
+  return {image, final_T, n_contrib};
+}
+
+// Stage 3. grad_image [B, 3, H, W] -> dL/d(u, v, a, b, c, opacity, r, g, b) as [B, K, 9].
+template <typename scalar_t>
+at::Tensor rasterize_backward(const Inputs<scalar_t>& in, const at::Tensor& tile_offsets, const at::Tensor& tile_ids,
+                              const at::Tensor& final_T, const at::Tensor& n_contrib, const at::Tensor& grad_image,
+                              int B, int K, const Grid& grid, double background) {
+  const int H = grid.H, W = grid.W, n_tiles = grid.n_tiles();
+  const int64_t* offsets = tile_offsets.data_ptr<int64_t>();
+  const int32_t* ids = tile_ids.data_ptr<int32_t>();
+  const scalar_t* fT = final_T.data_ptr<scalar_t>();
+  const int32_t* last = n_contrib.data_ptr<int32_t>();
+  const scalar_t* dimg = grad_image.data_ptr<scalar_t>();
+  const scalar_t bg = scalar_t(background);
+  const int64_t HW = int64_t(H) * W;
+
+  static_assert(sizeof(Gaussian2D<scalar_t>) == splat::GRAD_DIM * sizeof(scalar_t), "Gaussian2D must be 9 scalars");
+  at::Tensor entry_grads = at::zeros({tile_ids.numel(), splat::GRAD_DIM}, final_T.options());
+  auto* partial = reinterpret_cast<Gaussian2D<scalar_t>*>(entry_grads.data_ptr<scalar_t>());
+
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t job = 0; job < int64_t(B) * n_tiles; ++job) {
+    const int b = int(job / n_tiles);
+    const Tile tile(grid, int(job % n_tiles));
+    const auto staged = stage_tile(in, ids, offsets[job], offsets[job + 1], b, K);
+    // Per-pixel state, back to front: T_{i+1}, S_i (splat_kernel.h), dL/dC, and where the walk starts.
+    scalar_t T[TILE * TILE], S[TILE * TILE][3], dL_dC[TILE * TILE][3];
+    int n_used[TILE * TILE] = {};
+    int start = 0;
+    for (int y = tile.y_begin; y < tile.y_begin + tile.h; ++y) {
+      for (int x = tile.x_begin; x < tile.x_begin + tile.w; ++x) {
+        const int p = tile.local(x, y);
+        const int64_t q = y * int64_t(W) + x;
+        T[p] = fT[b * HW + q];
+        for (int ch = 0; ch < 3; ++ch) {
+          S[p][ch] = T[p] * bg;  // behind the last contributor there is only the background
+          dL_dC[p][ch] = dimg[(int64_t(b) * 3 + ch) * HW + q];
+        }
+        n_used[p] = last[b * HW + q];
+        start = std::max(start, n_used[p]);
+      }
+    }
+
+    for (int j = start - 1; j >= 0; --j) {
+      const Gaussian2D<scalar_t>& g = staged[j];
+      splat::PixelRect r;
+      if (!tile.clip(g, grid, r)) continue;
+      const scalar_t power_min = splat::power_floor(g);
+      Gaussian2D<scalar_t> grad = splat::zero_gaussian<scalar_t>();
+      for (int y = r.y0; y <= r.y1; ++y) {
+        for (int x = r.x0; x <= r.x1; ++x) {
+          const int p = tile.local(x, y);
+          splat::Hit<scalar_t> h;
+          if (j >= n_used[p] ||
+              !splat::evaluate(g, scalar_t(x) + scalar_t(0.5), scalar_t(y) + scalar_t(0.5), power_min, h))
+            continue;  // behind this pixel's last contributor, or skipped in forward too
+          splat::accumulate(grad, splat::blend_backward(g, h, dL_dC[p], T[p], S[p]));
+        }
+      }
+      partial[offsets[job] + j] = grad;  // this task's own row
+    }
+  }
+
+  // Add each list entry's gradient to its Gaussian. An image's entries only touch that image's Gaussians,
+  // so images run in parallel without sharing a row.
+  at::Tensor grads = at::zeros({B, K, splat::GRAD_DIM}, final_T.options());
+  auto* out = reinterpret_cast<Gaussian2D<scalar_t>*>(grads.data_ptr<scalar_t>());
+#pragma omp parallel for schedule(static)
+  for (int b = 0; b < B; ++b)
+    for (int64_t e = offsets[int64_t(b) * n_tiles]; e < offsets[int64_t(b + 1) * n_tiles]; ++e)
+      splat::accumulate(out[int64_t(b) * K + ids[e]], partial[e]);
+  return grads;
+}
+
+void check_inputs(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
+                  const at::Tensor& opacity) {
+  TORCH_CHECK(means2d.device().is_cpu(), "splat cpu backend needs CPU tensors, got ", means2d.device());
+  TORCH_CHECK(means2d.dim() == 3 && means2d.size(2) == 2, "means2d must be [B, K, 2], got ", means2d.sizes());
+  const int64_t B = means2d.size(0), K = means2d.size(1);
+  TORCH_CHECK(conic.sizes() == at::IntArrayRef({B, K, 3}), "conic must be [B, K, 3], got ", conic.sizes());
+  TORCH_CHECK(rgb.sizes() == at::IntArrayRef({B, K, 3}), "rgb must be [B, K, 3], got ", rgb.sizes());
+  TORCH_CHECK(opacity.sizes() == at::IntArrayRef({B, K}), "opacity must be [B, K], got ", opacity.sizes());
+  for (const at::Tensor* t : {&means2d, &conic, &rgb, &opacity}) {
+    TORCH_CHECK(t->scalar_type() == means2d.scalar_type(), "all inputs must share one dtype");
+    TORCH_CHECK(t->is_contiguous() && t->device().is_cpu(), "inputs must be contiguous CPU tensors");
+  }
+  TORCH_CHECK(K < (int64_t(1) << 31), "at most 2^31 - 1 Gaussians per image, got ", K);
+}
+
+// Python entry points. order [B, K] (int64) is the stable depth argsort computed in splat.py.
+// Returns image, final_T, n_contrib, tile_offsets, tile_ids (everything backward needs besides the inputs).
+std::vector<at::Tensor> forward(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
+                                const at::Tensor& opacity, const at::Tensor& order, int64_t H, int64_t W,
+                                double background) {
+  check_inputs(means2d, conic, rgb, opacity);
+  TORCH_CHECK(order.scalar_type() == at::kLong && order.is_contiguous() && order.sizes() == opacity.sizes(),
+              "order must be a contiguous int64 [B, K] tensor");
+  TORCH_CHECK(H > 0 && W > 0, "image size must be positive, got ", H, " x ", W);
+  const int B = int(means2d.size(0)), K = int(means2d.size(1));
+  const Grid grid{int(H), int(W)};
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "splat_cpu_forward", [&] {
+    const auto in = inputs<scalar_t>(means2d, conic, rgb, opacity);
+    const auto lists = bin_gaussians(in, order.data_ptr<int64_t>(), B, K, grid);
+    out = rasterize_forward(in, lists[0], lists[1], B, K, grid, background, means2d.options());
+    out.insert(out.end(), lists.begin(), lists.end());
+  });
+  return out;
+}
+
+at::Tensor backward(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
+                    const at::Tensor& opacity, const at::Tensor& final_T, const at::Tensor& n_contrib,
+                    const at::Tensor& tile_offsets, const at::Tensor& tile_ids, const at::Tensor& grad_image,
+                    double background) {
+  check_inputs(means2d, conic, rgb, opacity);
+  const int B = int(means2d.size(0)), K = int(means2d.size(1));
+  const Grid grid{int(final_T.size(1)), int(final_T.size(2))};
+  const at::Tensor grad = grad_image.contiguous();
+  TORCH_CHECK(grad.scalar_type() == means2d.scalar_type() &&
+                  grad.sizes() == at::IntArrayRef({B, 3, grid.H, grid.W}),
+              "grad_image must be [B, 3, H, W] of the inputs' dtype");
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "splat_cpu_backward", [&] {
+    out = rasterize_backward(inputs<scalar_t>(means2d, conic, rgb, opacity), tile_offsets, tile_ids, final_T,
+                             n_contrib, grad, B, K, grid, background);
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Tile-based Gaussian rasterizer, CPU (see splat_cpu.cpp)";
+  m.def("forward", &forward, "means2d, conic, rgb, opacity, order, H, W, background -> "
+                             "image, final_T, n_contrib, tile_offsets, tile_ids");
+  m.def("backward", &backward, "inputs, saved tensors, grad_image, background -> grads [B, K, 9]");
+}
