@@ -93,6 +93,8 @@ std::vector<at::Tensor> bin_gaussians(const Inputs<scalar_t>& in, const at::Tens
                                       const Grid& grid, cudaStream_t stream) {
   const int64_t n = int64_t(B) * K;
   const auto long_opts = order.options();
+  if (n == 0)  // no Gaussians: every tile list is empty
+    return {at::zeros({int64_t(B) * grid.n_tiles() + 1}, long_opts), at::empty({0}, long_opts.dtype(at::kInt))};
   at::Tensor counts = at::empty({n}, long_opts);
   count_tiles_kernel<<<blocks_for(n), THREADS_1D, 0, stream>>>(in, order.data_ptr<int64_t>(), B, K, grid,
                                                                counts.data_ptr<int64_t>());
@@ -155,10 +157,11 @@ __global__ void __launch_bounds__(BLOCK)
 
 // ----- 3. backward -------------------------------------------------------------------------------------------
 
+// Sum of v over the 32 lanes of a warp, added to *out by lane 0: one atomic per warp instead of 32.
 template <typename scalar_t>
-__device__ __forceinline__ scalar_t warp_sum(scalar_t v) {
+__device__ __forceinline__ void warp_add(scalar_t v, scalar_t* out) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
+  if (threadIdx.x % 32 == 0) atomicAdd(out, v);
 }
 
 template <typename scalar_t>
@@ -178,7 +181,7 @@ __global__ void __launch_bounds__(BLOCK)
   const int64_t HW = int64_t(grid.H) * grid.W, p = int64_t(y) * grid.W + x;
 
   // Per-pixel state, back to front: T_{i+1}, S_i (splat_kernel.h), dL/dC, and where the walk starts.
-  scalar_t T = scalar_t(0), S[3] = {scalar_t(0), scalar_t(0), scalar_t(0)}, dL_dC[3] = {scalar_t(0), scalar_t(0), scalar_t(0)};
+  scalar_t T = scalar_t(0), S[3] = {}, dL_dC[3] = {};  // pixels outside the image stay at zero
   int n_used = 0;
   if (inside) {
     T = final_T[b * HW + p];
@@ -193,7 +196,6 @@ __global__ void __launch_bounds__(BLOCK)
   atomicMax(&block_last, n_used);
   __syncthreads();
 
-  const int lane = threadIdx.x % 32;
   for (int batch_end = block_last; batch_end > 0; batch_end -= BLOCK) {
     const int batch_begin = max(0, batch_end - BLOCK);
     __syncthreads();  // everyone is done with the previous batch
@@ -209,13 +211,13 @@ __global__ void __launch_bounds__(BLOCK)
       const bool hit = batch_begin + i < n_used && splat::evaluate(g, px, py, scalar_t(-INFINITY), h);
       // Every lane takes part in the shuffles; lanes without a hit add zeros.
       if (!__any_sync(0xffffffffu, hit)) continue;
-      Gaussian2D<scalar_t> grad = hit ? splat::blend_backward(g, h, dL_dC, T, S) : splat::zero_gaussian<scalar_t>();
-      scalar_t* share = reinterpret_cast<scalar_t*>(&grad);
-      scalar_t* out = grads + (int64_t(b) * K + staged_id[i]) * splat::GRAD_DIM;
-      for (int d = 0; d < splat::GRAD_DIM; ++d) {
-        const scalar_t sum = warp_sum(share[d]);
-        if (lane == 0) atomicAdd(out + d, sum);
-      }
+      const Gaussian2D<scalar_t> d =
+          hit ? splat::blend_backward(g, h, dL_dC, T, S) : splat::zero_gaussian<scalar_t>();
+      scalar_t* out = grads + (int64_t(b) * K + staged_id[i]) * splat::GRAD_DIM;  // [u, v, a, b, c, o, rgb]
+      warp_add(d.u, out + 0), warp_add(d.v, out + 1);
+      warp_add(d.a, out + 2), warp_add(d.b, out + 3), warp_add(d.c, out + 4);
+      warp_add(d.opacity, out + 5);
+      warp_add(d.rgb[0], out + 6), warp_add(d.rgb[1], out + 7), warp_add(d.rgb[2], out + 8);
     }
   }
 }
