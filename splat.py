@@ -23,7 +23,10 @@ The image is made in two steps (Kerbl et al. 2023, "3D Gaussian Splatting", Sec.
        image = C + T background          (background 1 = white)
 
 `rasterize_torch` below is the spec: dense [B, HW, K] tensors, exact rules, float32 or float64, autograd.
-The fast kernels (splat_cpu.cpp, splat_cuda.cu) are checked against it in value and gradient.
+The fast kernels (splat_cpu.cpp, splat_cuda.cu; per-pixel math shared in splat_kernel.h) are tile-based,
+cost pixels x Gaussians-per-pixel instead of pixels x K, and are checked against it in value and gradient
+(tests/test_splat_backends.py). render(..., backend="auto" | "torch" | "cpu" | "cuda"); the kernels compile on
+first use (about 20 s, then cached on disk), and available_backends() lists those that work here.
 
 Shapes: B images, K Gaussians, H x W pixels.
     gaussians [B, K, 14] -> render -> image [B, 3, H, W]
