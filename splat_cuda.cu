@@ -57,34 +57,35 @@ int blocks_for(int64_t n) { return int((n + THREADS_1D - 1) / THREADS_1D); }
 
 // ----- 1. binning --------------------------------------------------------------------------------------------
 
-// Number of tiles met by the Gaussian at depth rank r of image b (thread i = b * K + r).
+// Tiles met by the Gaussian at depth rank r of image b (thread i = b * K + r): its tile range, kept in
+// tile_rects [B * K, 4] so the second pass cannot disagree with the count, and how many tiles that is.
 template <typename scalar_t>
 __global__ void count_tiles_kernel(Inputs<scalar_t> in, const int64_t* order, int B, int K, Grid grid,
-                                   int64_t* counts) {
+                                   int32_t* tile_rects, int64_t* counts) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= int64_t(B) * K) return;
-  const int64_t b = i / K;
   splat::PixelRect r;
-  counts[i] = 0;
-  if (splat::pixel_rect(in.gaussian(b * K + order[i]), grid.H, grid.W, r))
-    counts[i] = int64_t(r.x1 / TILE - r.x0 / TILE + 1) * (r.y1 / TILE - r.y0 / TILE + 1);
+  int32_t* rect = tile_rects + 4 * i;
+  if (splat::pixel_rect(in.gaussian(i / K * K + order[i]), grid.H, grid.W, r)) {
+    rect[0] = r.x0 / TILE, rect[1] = r.x1 / TILE, rect[2] = r.y0 / TILE, rect[3] = r.y1 / TILE;
+    counts[i] = int64_t(rect[1] - rect[0] + 1) * (rect[3] - rect[2] + 1);
+  } else {
+    rect[0] = 0, rect[1] = -1, rect[2] = 0, rect[3] = -1;  // empty
+    counts[i] = 0;
+  }
 }
 
-// Writes the (tile key, Gaussian) pairs of rank i at slots [ends[i] - counts[i], ends[i]).
-template <typename scalar_t>
-__global__ void emit_pairs_kernel(Inputs<scalar_t> in, const int64_t* order, int B, int K, Grid grid,
+// Writes the (tile key, Gaussian) pairs of rank i into its slots [ends[i] - counts[i], ends[i]).
+__global__ void emit_pairs_kernel(const int64_t* order, int B, int K, Grid grid, const int32_t* tile_rects,
                                   const int64_t* ends, int64_t* keys, int32_t* values) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= int64_t(B) * K) return;
-  const int64_t b = i / K;
-  const int k = int(order[i]);
-  splat::PixelRect r;
-  if (!splat::pixel_rect(in.gaussian(b * K + k), grid.H, grid.W, r)) return;
+  const int32_t* rect = tile_rects + 4 * i;
   int64_t slot = i == 0 ? 0 : ends[i - 1];
-  for (int ty = r.y0 / TILE; ty <= r.y1 / TILE; ++ty)
-    for (int tx = r.x0 / TILE; tx <= r.x1 / TILE; ++tx, ++slot) {
-      keys[slot] = b * grid.n_tiles() + ty * grid.tiles_x + tx;
-      values[slot] = k;
+  for (int ty = rect[2]; ty <= rect[3]; ++ty)
+    for (int tx = rect[0]; tx <= rect[1]; ++tx, ++slot) {
+      keys[slot] = i / K * grid.n_tiles() + ty * grid.tiles_x + tx;
+      values[slot] = int32_t(order[i]);
     }
 }
 
@@ -95,15 +96,18 @@ std::vector<at::Tensor> bin_gaussians(const Inputs<scalar_t>& in, const at::Tens
   const auto long_opts = order.options();
   if (n == 0)  // no Gaussians: every tile list is empty
     return {at::zeros({int64_t(B) * grid.n_tiles() + 1}, long_opts), at::empty({0}, long_opts.dtype(at::kInt))};
+  at::Tensor tile_rects = at::empty({n, 4}, long_opts.dtype(at::kInt));
   at::Tensor counts = at::empty({n}, long_opts);
   count_tiles_kernel<<<blocks_for(n), THREADS_1D, 0, stream>>>(in, order.data_ptr<int64_t>(), B, K, grid,
+                                                               tile_rects.data_ptr<int32_t>(),
                                                                counts.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor ends = at::cumsum(counts, 0);  // inclusive prefix sum: one past each Gaussian's last slot
-  const int64_t total = n > 0 ? ends[n - 1].item<int64_t>() : 0;
+  const int64_t total = ends[n - 1].item<int64_t>();
   at::Tensor keys = at::empty({total}, long_opts);
   at::Tensor values = at::empty({total}, long_opts.dtype(at::kInt));
-  emit_pairs_kernel<<<blocks_for(n), THREADS_1D, 0, stream>>>(in, order.data_ptr<int64_t>(), B, K, grid,
+  emit_pairs_kernel<<<blocks_for(n), THREADS_1D, 0, stream>>>(order.data_ptr<int64_t>(), B, K, grid,
+                                                              tile_rects.data_ptr<int32_t>(),
                                                               ends.data_ptr<int64_t>(), keys.data_ptr<int64_t>(),
                                                               values.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
