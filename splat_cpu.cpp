@@ -7,16 +7,20 @@
  *   1. bin:      every Gaussian's culling box -> the 16 x 16 tiles it meets. Count per tile, prefix-sum,
  *                fill in depth order, so each tile's list is already sorted front to back:
  *                    tile_offsets [B * n_tiles + 1] (int64),  tile_ids [n_entries] (int32 Gaussian index)
- *   2. forward:  one (image, tile) per task; the tile's Gaussians are copied into a contiguous buffer,
- *                then each pixel composites front to back and stops when T would reach 1e-4.
+ *   2. forward:  one (image, tile) per OpenMP task. The tile's Gaussians are copied into a contiguous
+ *                buffer; the tile keeps T and C for its 256 pixels and takes the Gaussians front to back,
+ *                each over the pixels of its culling box only. A pixel stops when T would reach 1e-4 and
+ *                the tile stops when all its pixels have. Per pixel this is exactly the loop of DESIGN.md 3.
  *                Saved for backward: final_T [B, H, W] and n_contrib [B, H, W] (list entries up to and
  *                including the last contributor) -- never a per-pixel list.
- *   3. backward: per pixel, walk back from the last contributor (splat_kernel.h). Each tile writes the
- *                gradients of its list entries into its own rows of a [n_entries, 9] buffer (no two tasks
- *                share a row: no races, no atomics, and the sum order is fixed, so results do not depend
- *                on the thread count); one pass per image then adds the rows into [B, K, 9].
+ *   3. backward: the same tiles, Gaussians back to front from the last contributor, each pixel recovering
+ *                its T (splat_kernel.h). Each tile writes the gradients of its list entries into its own
+ *                rows of a [n_entries, 9] buffer (no two tasks share a row: no races, no atomics, and a
+ *                fixed sum order, so results do not depend on the thread count); one pass per image then
+ *                adds the rows into [B, K, 9].
  *
- * Cost: O(pixels x Gaussians per tile) instead of the reference's O(pixels x K).
+ * Cost: O(pixels x Gaussians whose box covers the pixel), instead of the reference's O(pixels x K);
+ * pairs far outside a Gaussian's ellipse also skip the exp (splat::power_floor).
  * Built on first use by splat.py (torch.utils.cpp_extension.load); float32 and float64.
  */
 #include <ATen/Dispatch.h>

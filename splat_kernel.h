@@ -27,6 +27,8 @@
  * Culling: alpha >= 1/255 needs power >= -ln 255, i.e. Mahalanobis distance <= sqrt(2 ln 255) = 3.329, so
  * the box |dx| <= 3.33 sqrt(Sigma2_xx), |dy| <= 3.33 sqrt(Sigma2_yy) around the mean drops nothing
  * (Sigma2 = conic^-1). Tiles are 16 x 16 pixels; a Gaussian goes into the list of every tile its box meets.
+ * Inside the box, a pair with power < -ln(255 opacity) cannot pass the alpha test either; the CPU kernel
+ * uses that (power_floor) to skip the exp. Neither shortcut changes a result.
  *
  * Shapes (row-major, contiguous): means2d [B, K, 2], conic [B, K, 3], rgb [B, K, 3], opacity [B, K].
  */
