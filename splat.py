@@ -246,11 +246,11 @@ def _auto_backend(device):
     except RuntimeError as e:
         if not _warned_fallback:
             _warned_fallback = True
-            reason = str(e).splitlines()[0]
+            reason = str(e).splitlines()[0][:200]
             warnings.warn(
-                f"splat: backend='auto' falls back to the slow torch reference ({reason}); "
+                f"splat: backend='auto' falls back to the slow torch reference ({reason} ...); "
                 f"backend={kernel or 'cpu'!r} raises with the full compiler output",
-                stacklevel=3,
+                stacklevel=4,  # the caller of render
             )
         return "torch"
 
