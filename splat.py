@@ -87,16 +87,17 @@ def project(gaussians, H, W):
         rgb [B, K, 3], opacity [B, K], extent [B, K, 2] (half-size in px of the lossless culling box).
     """
     xyz, scale, quat, rgb, opacity = split_gaussians(gaussians)
-    u = (xyz[..., 0] + 1) * (W / 2)
-    v = (xyz[..., 1] + 1) * (H / 2)
-    means2d = torch.stack([u, v], dim=-1)
-    sigma3 = covariance3d(scale, quat)
-    # Orthographic: the 2-D covariance is the top-left block, stretched by J = diag(W/2, H/2).
-    sxx = sigma3[..., 0, 0] * (W / 2) ** 2 + EPS2D
-    sxy = sigma3[..., 0, 1] * (W / 2) * (H / 2)
-    syy = sigma3[..., 1, 1] * (H / 2) ** 2 + EPS2D
+    J = xyz.new_tensor([W / 2, H / 2])  # world units -> pixels
+    means2d = (xyz[..., :2] + 1) * J  # [B, K, 2]
+    # Orthographic: Sigma2 = J Sigma3[:2, :2] J^T = (J R_xy S)(J R_xy S)^T, with R_xy the x and y rows of R,
+    # so only those two rows are needed (the same as covariance3d's top-left block).
+    M = quat_to_rotmat(quat)[..., :2, :] * scale.unsqueeze(-2) * J.unsqueeze(-1)  # [B, K, 2, 3]
+    m0, m1 = M.unbind(-2)
+    sxx = (m0 * m0).sum(-1) + EPS2D
+    sxy = (m0 * m1).sum(-1)
+    syy = (m1 * m1).sum(-1) + EPS2D
     det = sxx * syy - sxy * sxy  # > 0: the +0.3 I makes Sigma2 positive definite
-    conic = torch.stack([syy / det, -sxy / det, sxx / det], dim=-1)
+    conic = torch.stack([syy, -sxy, sxx], dim=-1) / det.unsqueeze(-1)  # [B, K, 3]
     extent = CULL_SIGMA * torch.stack([sxx, syy], dim=-1).sqrt()
     return means2d, conic, xyz[..., 2], rgb, opacity, extent
 
