@@ -22,6 +22,10 @@ The image is made in two steps (Kerbl et al. 2023, "3D Gaussian Splatting", Sec.
        C += T alpha rgb;  T = T_next
        image = C + T background          (background 1 = white)
 
+Depth only orders the Gaussians: with this orthographic camera z changes neither position nor footprint, so
+the image is piecewise constant in z and z gets no gradient (a test pins this). A GMAE decoder's depths are
+therefore ordered by features learned for the other 13 parameters, not fitted directly.
+
 `rasterize_torch` below is the spec: dense [B, HW, K] tensors, exact rules, float32 or float64, autograd.
 The fast kernels (splat_cpu.cpp, splat_cuda.cu; per-pixel math shared in splat_kernel.h) are tile-based,
 cost pixels x Gaussians-per-pixel instead of pixels x K, and are checked against it in value and gradient
@@ -264,7 +268,7 @@ _RASTERIZERS = {
 BACKENDS = ("auto", "torch", "cpu", "cuda")
 
 
-def rasterize(means2d, conic, depth, rgb, opacity, H, W, background=1.0, backend="torch"):
+def rasterize(means2d, conic, depth, rgb, opacity, H, W, background=1.0, backend="auto"):
     """Dispatch to a rasterizer backend; all take and return the same tensors.
 
     "auto" picks cuda for CUDA tensors and cpu for CPU tensors and falls back to "torch" with one warning;
@@ -277,7 +281,7 @@ def rasterize(means2d, conic, depth, rgb, opacity, H, W, background=1.0, backend
     return _RASTERIZERS[backend](means2d, conic, depth, rgb, opacity, H, W, background)
 
 
-def render(gaussians, H, W, background=1.0, backend="torch"):
+def render(gaussians, H, W, background=1.0, backend="auto"):
     """Render valid Gaussians [B, K, 14] to images [B, 3, H, W] with the fixed camera."""
     if gaussians.dim() != 3:
         raise ValueError(f"gaussians must be [B, K, 14], got shape {tuple(gaussians.shape)}")

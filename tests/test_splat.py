@@ -417,3 +417,15 @@ def test_batched_render_equals_per_image_render():
     batched = splat.render(g, 9, 12, backend="torch")
     single = torch.cat([splat.render(g[i : i + 1], 9, 12, backend="torch") for i in range(4)])
     torch.testing.assert_close(batched, single, rtol=0, atol=1e-15)
+
+
+def test_depth_orders_but_gets_no_gradient_under_the_orthographic_camera():
+    rng = np.random.default_rng(5)
+    g = torch.tensor(scene(rng, 6, scale=(0.1, 0.4), opacity=(0.3, 0.9)), dtype=F64).unsqueeze(0).requires_grad_()
+    img = splat.render(g, 9, 7, backend="torch")
+    (grad,) = torch.autograd.grad((img * torch.rand_like(img)).sum(), g)
+    assert grad[..., 2].abs().max() == 0  # z: ordering only
+    assert grad[..., [0, 1, 3, 4, 13]].abs().amax(dim=1).min() > 0  # x, y, scale x/y, opacity do get gradient
+    swapped = g.detach().clone()
+    swapped[..., 2] = -swapped[..., 2]  # reversing the order changes the image
+    assert (splat.render(swapped, 9, 7, backend="torch") - img).abs().max() > 1e-3
