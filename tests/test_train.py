@@ -106,3 +106,20 @@ def test_weight_decay_skips_biases_norms_and_tokens():
     assert "encoder.blocks.0.norm1.weight" in no_decay_names and "decoder.head.bias" in no_decay_names
     assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def test_trains_on_an_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for cls in ["cats", "dogs"]:
+        for split in ["train", "val"]:
+            folder = tmp_path / "data" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(10):
+                pixels = (torch.rand(20, 24, 3, generator=rng) * 255).byte().numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--data", str(tmp_path / "data"), "--epochs", "1", "--out", out])
+    assert read_log(out)[0]["step"] == 20 // 16
+    assert os.path.isfile(os.path.join(out, "recon_epoch001.png"))
