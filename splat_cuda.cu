@@ -14,7 +14,9 @@
  *                the block stops as soon as every pixel is saturated. Saved: final_T, n_contrib.
  *   3. backward: same blocks, walking the staged batches back to front. Each thread computes its pixel's
  *                share of dL/d(Gaussian) (splat_kernel.h); a warp sums the shares with __shfl_down_sync and
- *                one lane does the atomicAdd, so a Gaussian takes 8 atomics per block, not 256.
+ *                one lane does the atomicAdd, so each gradient entry of a Gaussian takes at most 8 atomics
+ *                per block (one per warp with a hit), not 256. The summation order, so the float rounding,
+ *                varies between runs, unlike the CPU kernel's fixed order.
  */
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
