@@ -242,7 +242,7 @@ def _rasterize_kernel(backend, means2d, conic, depth, rgb, opacity, H, W, backgr
 def _auto_backend(device):
     """cuda for CUDA tensors, cpu for CPU tensors, else the torch reference (with one warning per process)."""
     global _warned_fallback
-    kernel = {"cuda": "cuda", "cpu": "cpu"}.get(device.type)
+    kernel = device.type if device.type in ("cpu", "cuda") else None
     try:
         if kernel is None:
             raise RuntimeError(f"no compiled kernel for {device.type} tensors")
