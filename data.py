@@ -2,7 +2,7 @@
 Data for GMAE: an embedded synthetic dataset, image folders, and the MAE transforms written with PIL + torch.
 
 Every dataset returns (image, label) with image a float tensor [3, H, W] in [0, 1]. The model normalises
-pixels itself (`normalize` below) because the encoder sees ImageNet-normalised pixels while the loss
+pixels itself (model.normalize) because the encoder sees ImageNet-normalised pixels while the loss
 compares renders with [0, 1] pixels (../shared/DESIGN.md 1).
 
 1. SyntheticScenes: "dead leaves" scenes, no download. A background, then random occluding shapes, then one
@@ -20,7 +20,7 @@ compares renders with [0, 1] pixels (../shared/DESIGN.md 1).
    CenterCrop, then to_tensor. They draw random numbers from torch's global RNG, which DataLoader seeds
    per worker, exactly as torchvision does.
 
-Shapes: B batch, H x W pixels.  dataset[i] -> (image [3, H, W] in [0, 1], label int);  normalize: [..., 3, H, W].
+Shapes: B batch, H x W pixels.  dataset[i] -> (image [3, H, W] in [0, 1], label int).
 
 Try it:  python data.py --out synthetic_grid.png      (16 scenes: image | foreground mask | boundaries)
 """
@@ -33,8 +33,6 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SHAPES = ("disk", "square", "triangle", "plus", "ring")
 TEXTURES = ("flat", "stripes", "checker")
@@ -47,15 +45,6 @@ def to_tensor(img):
     """PIL image -> float tensor [3, H, W] in [0, 1]."""
     arr = np.asarray(img.convert("RGB"), dtype=np.uint8)  # [H, W, 3]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
-def normalize(x):
-    """ImageNet normalisation (x - mean) / std of [3, H, W] or [B, 3, H, W] pixels in [0, 1]."""
-    if x.dim() < 3 or x.shape[-3] != 3:
-        raise ValueError(f"normalize expects [3, H, W] or [B, 3, H, W] RGB pixels, got shape {tuple(x.shape)}")
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
 
 
 def _pair(size):

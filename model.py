@@ -23,14 +23,18 @@ blocks.N.attn.qkv, blocks.N.mlp.fc1, norm, ...), so `model.encoder.state_dict()`
 Used by train.py (pretraining), probe.py / finetune.py (encoder features) and zeroshot.py (Gaussians).
 """
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import splat
-from data import normalize
+
+# The encoder's input convention (ImageNet statistics); the loss compares renders with [0, 1] pixels.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -72,6 +76,15 @@ class GMAEConfig:
     @property
     def num_patches(self):
         return (self.img_size // self.patch_size) ** 2
+
+
+def normalize(x):
+    """ImageNet normalisation (x - mean) / std of [3, H, W] or [B, 3, H, W] pixels in [0, 1]."""
+    if x.dim() < 3 or x.shape[-3] != 3:
+        raise ValueError(f"normalize expects [3, H, W] or [B, 3, H, W] RGB pixels, got shape {tuple(x.shape)}")
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
 
 
 def check_mask_ratio(mask_ratio, num_patches):
@@ -381,3 +394,37 @@ class GMAE(nn.Module):
             pred = unpatchify(self.decoder(latents, ids_restore), cfg.patch_size, H, W)
         loss = reconstruction_loss(pred, imgs, mask, cfg.patch_size, cfg.loss_on, cfg.norm_pix)
         return {"loss": loss, "pred": pred, "mask": mask, "gaussians": gaussians}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints (written by train.py, read by every later stage)
+
+
+def save_checkpoint(path, model, optimizer, cfg, epoch, step):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
+         "epoch": epoch, "step": step},
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict with its config as a GMAEConfig; a clear error when there is none."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: make one with `python train.py --out {os.path.dirname(path) or '.'}`")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    names = {f.name for f in fields(GMAEConfig)}
+    ckpt["config"] = GMAEConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a checkpoint and rebuild its model. Returns (model, checkpoint dict)."""
+    ckpt = read_checkpoint(path, device)
+    cfg = ckpt["config"]
+    model = GMAE(cfg).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt

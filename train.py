@@ -22,7 +22,6 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ from tqdm import tqdm
 
 import splat
 from data import build_dataset
-from model import GMAE, GMAEConfig, patchify, unpatchify
+from model import GMAE, GMAEConfig, patchify, read_checkpoint, save_checkpoint, unpatchify
 
 # Model sizes: (enc_dim, enc_depth, enc_heads, dec_dim, dec_depth, dec_heads). "base" is the paper's ViT-B
 # with MAE's 512-wide, 8-deep decoder; "tiny" is the laptop default.
@@ -102,36 +101,6 @@ def lr_at(step, total_steps, warmup_steps, lr, min_lr):
         return lr * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def save_checkpoint(path, model, optimizer, cfg, epoch, step):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(
-        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
-         "epoch": epoch, "step": step},
-        tmp,
-    )
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict with its config as a GMAEConfig; a clear error when there is none."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: make one with `python train.py --out {os.path.dirname(path) or '.'}`")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    names = {f.name for f in fields(GMAEConfig)}
-    ckpt["config"] = GMAEConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
-    return ckpt
-
-
-def load_checkpoint(path, device="cpu"):
-    """Load a checkpoint and rebuild its model. Returns (model, checkpoint dict)."""
-    ckpt = read_checkpoint(path, device)
-    cfg = ckpt["config"]
-    model = GMAE(cfg).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model, ckpt
 
 
 def paste_patches(imgs, fill, mask, p):

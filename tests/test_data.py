@@ -244,17 +244,6 @@ def test_to_tensor_layout_and_range():
     assert grey.shape == (3, 5, 5) and torch.allclose(grey, torch.full((3, 5, 5), 0.2))
 
 
-def test_normalize_matches_formula():
-    x = torch.rand(2, 3, 4, 5)
-    mean, std = torch.tensor(data.IMAGENET_MEAN), torch.tensor(data.IMAGENET_STD)
-    expect = (x - mean[None, :, None, None]) / std[None, :, None, None]
-    assert torch.allclose(data.normalize(x), expect)
-    assert torch.allclose(data.normalize(x[0]), expect[0])
-    assert data.normalize(x.double()).dtype == torch.float64
-    with pytest.raises(ValueError, match="RGB"):
-        data.normalize(torch.rand(2, 4, 4, 4))
-
-
 # ----------------------------------------------------------------------------- image folders
 
 def test_image_folder_labels_and_count(tmp_path):

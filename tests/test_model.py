@@ -173,3 +173,14 @@ def test_mask_ratio_zero_scores_every_pixel():
     model = M.GMAE(small_config())
     out = model(torch.rand(2, 3, 16, 16), mask_ratio=0.0, backend="torch")
     assert out["mask"].sum() == 0 and torch.isfinite(out["loss"])
+
+
+def test_normalize_matches_formula():
+    x = torch.rand(2, 3, 4, 5)
+    mean, std = torch.tensor(M.IMAGENET_MEAN), torch.tensor(M.IMAGENET_STD)
+    expect = (x - mean[None, :, None, None]) / std[None, :, None, None]
+    assert torch.allclose(M.normalize(x), expect)
+    assert torch.allclose(M.normalize(x[0]), expect[0])
+    assert M.normalize(x.double()).dtype == torch.float64
+    with pytest.raises(ValueError, match="RGB"):
+        M.normalize(torch.rand(2, 4, 4, 4))
