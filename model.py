@@ -50,7 +50,7 @@ class GMAEConfig:
     mlp_ratio: float = 4.0
     mask_ratio: float = 0.75
     num_gaussians: int = 48  # paper: 512 (256 for most ablations); 48 = masked patches at 32 px / 4 / 0.75
-    scale_max: float = 1.0  # c in c * sigmoid(s) / 8; paper ablates 0.5 / 1 / 2
+    scale_max: float = 1.0  # c in scale = c * sigmoid(s); paper: 1, ablates 0.5 / 2
     decoder: str = "gaussians"  # "gaussians" (GMAE) or "pixels" (MAE baseline)
     loss_on: str = "masked"  # "masked" (paper default) or "all" (paper ablation, Table 1c)
     norm_pix: bool = False  # per-patch normalised targets (MAE's trick; hurts GMAE, Table 1c)
@@ -261,11 +261,11 @@ class Encoder(nn.Module):
 def gaussian_activation(raw, scale_max=1.0):
     """Raw decoder outputs [..., 14] -> valid Gaussians [..., 14] (DESIGN.md 1; paper Sec. 4.1).
 
-    xyz = tanh (in [-1,1]^3), scale = c sigmoid / 8 (largest std W/16 px at c=1), quaternion normalised
-    (w, x, y, z), rgb and opacity sigmoid (in [0,1]).
+    xyz = tanh (in [-1,1]^3), scale = c sigmoid in world units (largest std c W/16 px at z = 0 under the
+    camera of splat.project), quaternion normalised (w, x, y, z), rgb and opacity sigmoid (in [0,1]).
     """
     xyz = torch.tanh(raw[..., 0:3])
-    scale = scale_max * torch.sigmoid(raw[..., 3:6]) / 8
+    scale = scale_max * torch.sigmoid(raw[..., 3:6])
     quat = F.normalize(raw[..., 6:10], dim=-1, eps=1e-8)
     rgb = torch.sigmoid(raw[..., 10:13])
     opacity = torch.sigmoid(raw[..., 13:14])

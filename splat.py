@@ -10,21 +10,23 @@ A GMAE decoder predicts K Gaussians per image, each a 14-vector of *valid* param
 
 The image is made in two steps (Kerbl et al. 2023, "3D Gaussian Splatting", Sec. 4-6; ../shared/DESIGN.md 2-3):
 
-1. project (pure torch, one place knows the camera). Orthographic camera looking down +z, smaller z nearer:
+1. project (pure torch, one place knows the camera). The authors' gsplat setup: the scene sits 8 units in
+   front of a 90-degree pinhole (focal fx = W/2, fy = H/2); centres land orthographically, footprints are the
+   perspective EWA projection at camera depth zc = z + 8 (a nearer Gaussian draws larger, by 8 / zc):
        u = (x + 1) W / 2,  v = (y + 1) H / 2                 pixel i has its centre at i + 0.5
        Sigma3 = R S S^T R^T                                 R from the quaternion, S = diag(scale)
-       Sigma2 = J Sigma3[:2, :2] J^T + 0.3 I,  J = diag(W/2, H/2)
-       conic  = Sigma2^-1 = [[a, b], [b, c]],  depth = z
+       J = [[fx/zc, 0, -fx x/zc^2], [0, fy/zc, -fy y/zc^2]]  (EWA Jacobian, Zwicker et al. 2002)
+       Sigma2 = J Sigma3 J^T + 0.3 I,  conic = Sigma2^-1 = [[a, b], [b, c]],  depth = zc
+   With scale c sigmoid(.) (model.gaussian_activation), the largest std is c W/16 px at z = 0.
 2. rasterize: front to back over Gaussians sorted by depth (ties by index), per pixel p:
        power = -0.5 (a dx^2 + 2 b dx dy + c dy^2),  d = p - (u, v);  skip if power > 0
-       alpha = min(0.99, opacity exp(power));  skip if alpha < 1/255
+       alpha = min(0.999, opacity exp(power));  skip if alpha < 1/255
        T_next = T (1 - alpha);  stop (this Gaussian excluded) if T_next <= 1e-4
        C += T alpha rgb;  T = T_next
        image = C + T background          (background 1 = white)
 
-Depth only orders the Gaussians: with this orthographic camera z changes neither position nor footprint, so
-the image is piecewise constant in z and z gets no gradient (a test pins this). A GMAE decoder's depths are
-therefore ordered by features learned for the other 13 parameters, not fitted directly.
+Depth both orders the Gaussians (no gradient: the order is piecewise constant) and sizes their footprint
+(through J: a smooth gradient). So z is learned, and a decoder can move a Gaussian in front of another.
 
 `rasterize_torch` below is the spec: dense [B, HW, K] tensors, exact rules, float32 or float64, autograd.
 The fast kernels (splat_cpu.cpp, splat_cuda.cu; per-pixel math shared in splat_kernel.h) are tile-based,
@@ -46,12 +48,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 # Compositing constants of DESIGN.md 3 (the values of the 3DGS / gsplat reference rasterizers).
-ALPHA_MAX = 0.99  # alpha clamp; no gradient flows through the clamp
+ALPHA_MAX = 0.999  # alpha clamp of gsplat (the authors' rasterizer; 3DGS uses 0.99); no gradient through it
 ALPHA_MIN = 1.0 / 255.0  # contributions below this are skipped
 T_MIN = 1e-4  # stop when transmittance would fall to or below this
 EPS2D = 0.3  # px^2 added to the 2-D covariance (anti-aliasing low-pass of 3DGS)
 # alpha >= 1/255 needs Mahalanobis distance <= sqrt(2 ln 255) = 3.329, so this per-axis box drops nothing.
 CULL_SIGMA = 3.33
+CAMERA_DISTANCE = 8.0  # the scene sits this far in front of the pinhole: camera depth zc = z + 8
 
 PARAM_DIM = 14
 
@@ -84,18 +87,28 @@ def covariance3d(scale, quat):
 
 
 def project(gaussians, H, W):
-    """The fixed orthographic camera of DESIGN.md 2.
+    """The fixed camera of DESIGN.md 2 (the GMAE authors' gsplat setup).
+
+    The scene sits CAMERA_DISTANCE = 8 units in front of a 90-degree pinhole (focal W/2, H/2). Centres land
+    orthographically (world x, y in [-1, 1] span the image), but each footprint is the perspective EWA
+    projection at camera depth zc = z + 8 (Zwicker et al. 2002), so a nearer Gaussian draws larger by
+    8 / zc and z gets a gradient through the footprint:
+        J = [[fx / zc, 0, -fx x / zc^2], [0, fy / zc, -fy y / zc^2]],  Sigma2 = J R S S^T R^T J^T + 0.3 I
 
     gaussians [B, K, 14] (valid parameters) ->
-        means2d [B, K, 2] (u, v in pixels), conic [B, K, 3] (a, b, c), depth [B, K],
+        means2d [B, K, 2] (u, v in pixels), conic [B, K, 3] (a, b, c), depth [B, K] (zc, the sort key),
         rgb [B, K, 3], opacity [B, K], extent [B, K, 2] (half-size in px of the lossless culling box).
     """
     xyz, scale, quat, rgb, opacity = split_gaussians(gaussians)
-    J = xyz.new_tensor([W / 2, H / 2])  # world units -> pixels
-    means2d = (xyz[..., :2] + 1) * J  # [B, K, 2]
-    # Orthographic: Sigma2 = J Sigma3[:2, :2] J^T = (J R_xy S)(J R_xy S)^T, with R_xy the x and y rows of R,
-    # so only those two rows are needed (the same as covariance3d's top-left block).
-    M = quat_to_rotmat(quat)[..., :2, :] * scale.unsqueeze(-2) * J.unsqueeze(-1)  # [B, K, 2, 3]
+    x, y, z = xyz.unbind(-1)
+    fx, fy = W / 2, H / 2
+    means2d = torch.stack([(x + 1) * fx, (y + 1) * fy], dim=-1)  # [B, K, 2]
+    zc = z + CAMERA_DISTANCE  # [B, K], in [7, 9] for z in [-1, 1]
+    zero = torch.zeros_like(zc)
+    J = torch.stack([fx / zc, zero, -fx * x / zc**2, zero, fy / zc, -fy * y / zc**2], -1)
+    J = J.reshape(*zc.shape, 2, 3)  # [B, K, 2, 3]
+    # Sigma2 = (J R S)(J R S)^T: form the 2 x 3 factor M = J R S, never the 3 x 3 Sigma3.
+    M = J @ (quat_to_rotmat(quat) * scale.unsqueeze(-2))  # [B, K, 2, 3]
     m0, m1 = M.unbind(-2)
     sxx = (m0 * m0).sum(-1) + EPS2D
     sxy = (m0 * m1).sum(-1)
@@ -103,7 +116,7 @@ def project(gaussians, H, W):
     det = sxx * syy - sxy * sxy  # > 0: the +0.3 I makes Sigma2 positive definite
     conic = torch.stack([syy, -sxy, sxx], dim=-1) / det.unsqueeze(-1)  # [B, K, 3]
     extent = CULL_SIGMA * torch.stack([sxx, syy], dim=-1).sqrt()
-    return means2d, conic, xyz[..., 2], rgb, opacity, extent
+    return means2d, conic, zc, rgb, opacity, extent
 
 
 def depth_order(depth):
@@ -163,8 +176,9 @@ def rasterize_torch(means2d, conic, depth, rgb, opacity, H, W, background=1.0):
 # the Gaussians whose culling box meets it, so the cost is pixels x Gaussians-per-pixel, not pixels x K.
 # Both include splat_kernel.h, where the per-pixel forward and backward math is written once. They are
 # compiled on first use by torch.utils.cpp_extension.load (cached in ~/.cache/torch_extensions, or in
-# $TORCH_EXTENSIONS_DIR) and share one autograd.Function. Projection stays in torch; depth only orders the
-# Gaussians, so, as in the reference, it gets no gradient.
+# $TORCH_EXTENSIONS_DIR) and share one autograd.Function. Projection stays in torch: the kernels take means,
+# conics and depths, and z's gradient reaches it through the conic (the camera's J), exactly as in the
+# reference; the depth sort key itself gets none.
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _KERNEL_SOURCES = {"cpu": "splat_cpu.cpp", "cuda": "splat_cuda.cu"}
@@ -293,7 +307,7 @@ def random_gaussians(B, K, generator=None, dtype=torch.float32, scale_max=1.0):
     """Valid random Gaussians [B, K, 14] for tests and benchmarks (centres in [-1,1]^3, unit quaternions)."""
     r = torch.rand(B, K, PARAM_DIM, generator=generator, dtype=dtype)
     xyz = r[..., 0:3] * 2 - 1
-    scale = scale_max * (0.02 + r[..., 3:6]) / 8
+    scale = scale_max * (0.02 + r[..., 3:6])  # world units: std up to about scale_max W/16 px
     quat = torch.nn.functional.normalize(torch.randn(B, K, 4, generator=generator, dtype=dtype), dim=-1)
     return torch.cat([xyz, scale, quat, r[..., 10:13], r[..., 13:14]], dim=-1)
 

@@ -6,7 +6,7 @@
  * For a pixel centre p and the Gaussians of its tile in ascending depth, with T = 1 and C = 0:
  *
  *     d = p - (u, v),  power = -1/2 (a dx^2 + 2 b dx dy + c dy^2);         skip if power > 0
- *     alpha = min(0.99, opacity exp(power));                              skip if alpha < 1/255
+ *     alpha = min(0.999, opacity exp(power));                             skip if alpha < 1/255
  *     T_next = T (1 - alpha);               stop (this Gaussian excluded) if T_next <= 1e-4
  *     C += T alpha rgb;  T = T_next
  *     image = C + T background
@@ -30,6 +30,10 @@
  * Inside the box, a pair with power < -ln(255 opacity) cannot pass the alpha test either; the CPU kernel
  * uses that (power_floor) to skip the exp. Neither shortcut changes a result.
  *
+ * The camera lives in splat.project (torch): it gives means, conics and the depth order. Depth reaches the
+ * image only through those (a nearer Gaussian has a larger footprint), so the kernels need no camera code
+ * and z gets its gradient from the conic's.
+ *
  * Shapes (row-major, contiguous): means2d [B, K, 2], conic [B, K, 3], rgb [B, K, 3], opacity [B, K].
  */
 #pragma once
@@ -46,7 +50,7 @@ namespace splat {
 
 // The constants of splat.py / DESIGN.md 3.
 constexpr int TILE = 16;  // tile side in pixels; a CUDA block is one tile, one thread per pixel
-constexpr double ALPHA_MAX = 0.99;
+constexpr double ALPHA_MAX = 0.999;
 constexpr double ALPHA_MIN = 1.0 / 255.0;
 constexpr double T_MIN = 1e-4;
 constexpr double CULL_SIGMA = 3.33;
@@ -95,7 +99,7 @@ struct Hit {
   scalar_t dx, dy;  // pixel centre minus mean
   scalar_t gauss;   // exp(power)
   scalar_t alpha;   // after the clamp
-  bool clamped;     // alpha was cut to 0.99: no gradient reaches opacity, mean or conic
+  bool clamped;     // alpha was cut to 0.999: no gradient reaches opacity, mean or conic
 };
 
 // Lowest power at which g can pass the alpha test: opacity exp(power) >= 1/255 needs power >= -ln(255 opacity).

@@ -53,7 +53,7 @@ def get_args(argv=None):
     # tokens as MAE's, and a step costs what MAE's does plus the splatting (bench.py).
     p.add_argument("--gaussians", type=int, default=48, help="number of Gaussians k (paper: 512)")
     p.add_argument("--mask", type=float, default=0.75, help="mask ratio (paper: 0.75)")
-    p.add_argument("--scale-max", type=float, default=1.0, help="c in c*sigmoid(s)/8 (paper ablates 0.5/1/2)")
+    p.add_argument("--scale-max", type=float, default=1.0, help="c in scale = c*sigmoid(s); largest std c*W/16 px (paper: 1, ablates 0.5/2)")
     p.add_argument("--decoder", default="gaussians", choices=["gaussians", "pixels"], help="GMAE or plain MAE")
     p.add_argument("--loss-on", default="masked", choices=["masked", "all"], help="pixels scored by the loss")
     p.add_argument("--norm-pix", action="store_true", help="per-patch normalised targets (hurts GMAE)")

@@ -75,10 +75,10 @@ def test_gaussian_activation_gives_valid_parameters():
     raw = torch.randn(4, 100, 14) * 10
     g = M.gaussian_activation(raw, scale_max=2.0)
     xyz, scale, quat, rgb, opacity = splat.split_gaussians(g)
-    assert xyz.abs().max() <= 1 and (scale > 0).all() and scale.max() <= 2.0 / 8
+    assert xyz.abs().max() <= 1 and (scale > 0).all() and scale.max() <= 2.0
     assert torch.allclose(quat.norm(dim=-1), torch.ones(4, 100), atol=1e-6)
     assert rgb.min() >= 0 and rgb.max() <= 1 and opacity.min() >= 0 and opacity.max() <= 1
-    assert torch.allclose(scale, 2.0 * torch.sigmoid(raw[..., 3:6]) / 8)
+    assert torch.allclose(scale, 2.0 * torch.sigmoid(raw[..., 3:6]))
 
 
 @pytest.mark.parametrize("k", [1, 7, 64, 512])

@@ -37,12 +37,14 @@ def project_reference(g, H, W):
     g = np.asarray(g, dtype=np.float64)
     R = rotation_reference(g[6:10])
     sigma3 = R @ np.diag(g[3:6] ** 2) @ R.T
-    J = np.diag([W / 2.0, H / 2.0])
-    sigma2 = J @ sigma3[:2, :2] @ J.T + 0.3 * np.eye(2)
+    x, y, zc = g[0], g[1], g[2] + 8.0  # camera 8 units behind the scene (DESIGN.md 2)
+    fx, fy = W / 2.0, H / 2.0
+    J = np.array([[fx / zc, 0.0, -fx * x / zc**2], [0.0, fy / zc, -fy * y / zc**2]])
+    sigma2 = J @ sigma3 @ J.T + 0.3 * np.eye(2)
     p, q, r = sigma2[0, 0], sigma2[0, 1], sigma2[1, 1]
     det = p * r - q * q
     conic = (r / det, -q / det, p / det)
-    return (g[0] + 1) * W / 2.0, (g[1] + 1) * H / 2.0, conic, g[2], g[10:13], g[13], sigma2
+    return (x + 1) * fx, (y + 1) * fy, conic, zc, g[10:13], g[13], sigma2
 
 
 def render_reference(gaussians, H, W):
@@ -61,8 +63,8 @@ def render_reference(gaussians, H, W):
                 if power > 0:
                     continue
                 alpha = opacity * math.exp(power)
-                if alpha > 0.99:
-                    alpha = 0.99
+                if alpha > 0.999:
+                    alpha = 0.999
                     fired["clamped"] += 1
                 if alpha < 1 / 255:
                     fired["faint"] += alpha > 0
@@ -83,7 +85,7 @@ def unit_quats(rng, n):
     return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
-def scene(rng, K, xy=(-1.0, 1.0), scale=(0.05, 0.3), opacity=(0.2, 0.9), z=(-1.0, 1.0)):
+def scene(rng, K, xy=(-1.0, 1.0), scale=(0.4, 2.4), opacity=(0.2, 0.9), z=(-1.0, 1.0)):
     """K random valid Gaussians [K, 14] with each group of parameters drawn uniformly from its range."""
     return np.concatenate(
         [
@@ -104,44 +106,44 @@ def pixel_centre_xy(px, py, H, W):
 
 
 def scene_overlapping(rng, H, W):
-    return scene(rng, 6, xy=(-0.3, 0.3), scale=(0.1, 0.4)), "drawn"
+    return scene(rng, 6, xy=(-0.3, 0.3), scale=(0.8, 3.2)), "drawn"
 
 
 def scene_tiny(rng, H, W):
-    return scene(rng, 6, scale=(0.5e-4, 2e-4), opacity=(0.5, 1.0)), "drawn"
+    return scene(rng, 6, scale=(0.0004, 0.0016), opacity=(0.5, 1.0)), "drawn"
 
 
 def scene_huge(rng, H, W):
-    return scene(rng, 4, scale=(1.0, 1.0)), "drawn"
+    return scene(rng, 4, scale=(8.0, 8.0)), "drawn"
 
 
 def scene_faint(rng, H, W):
     # 0.003 < 1/255 = 0.00392 < 0.005: one is always skipped, the other drawn near its centre only.
-    g = scene(rng, 4, scale=(0.1, 0.4))
+    g = scene(rng, 4, scale=(0.8, 3.2))
     g[:, 13] = [0.003, 0.005, 0.003, 0.005]
     return g, "faint"
 
 
 def scene_opaque(rng, H, W):
-    g = scene(rng, 5, scale=(0.1, 0.3), opacity=(1.0, 1.0))
+    g = scene(rng, 5, scale=(0.8, 2.4), opacity=(1.0, 1.0))
     g[0, 0:2] = pixel_centre_xy(1, 2, H, W)  # exp(power) = 1 at that pixel: clamped to 0.99
     return g, "clamped"
 
 
 def scene_early_stop(rng, H, W):
     # Eight large Gaussians of opacity 0.95 over the same pixel: T = 0.05^n falls below 1e-4 at n = 4.
-    g = scene(rng, 8, scale=(0.5, 0.8), opacity=(0.95, 0.95))
+    g = scene(rng, 8, scale=(4.0, 6.4), opacity=(0.95, 0.95))
     g[:, 0:2] = pixel_centre_xy(2, 3, H, W)
     return g, "stopped"
 
 
 def scene_equal_depth(rng, H, W):
-    g = scene(rng, 6, xy=(-0.4, 0.4), scale=(0.2, 0.5), opacity=(0.5, 0.9), z=(0.25, 0.25))
+    g = scene(rng, 6, xy=(-0.4, 0.4), scale=(1.6, 4.0), opacity=(0.5, 0.9), z=(0.25, 0.25))
     return g, "drawn"
 
 
 def scene_outside(rng, H, W):
-    g = scene(rng, 6, scale=(0.1, 0.3))
+    g = scene(rng, 6, scale=(0.8, 2.4))
     g[:, 0] = [-1.3, 1.2, 0.0, 3.0, -5.0, 1.6]
     g[:, 1] = [0.0, -1.4, 1.5, 3.0, 0.2, 1.6]
     return g, "drawn"
@@ -192,14 +194,14 @@ def test_reference_loop_stops_at_fourth_gaussian_of_opacity_095():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_render_gradcheck_all_14_parameters_float64(seed):
     # Moderate sizes and opacities in (0.2, 0.8): no pixel sits on the clamp or stop thresholds.
-    g = scene(np.random.default_rng(seed), 3, xy=(-0.6, 0.6), scale=(0.15, 0.35), opacity=(0.2, 0.8))
+    g = scene(np.random.default_rng(seed), 3, xy=(-0.6, 0.6), scale=(1.2, 2.8), opacity=(0.2, 0.8))
     g = torch.tensor(g, dtype=F64).unsqueeze(0).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: splat.render(t, 6, 5, backend="torch"), (g,), eps=1e-6, atol=1e-6)
 
 
 def test_quaternion_gradient_through_normalize_is_tangent_to_the_unit_sphere():
     rng = np.random.default_rng(3)
-    g = torch.tensor(scene(rng, 3, xy=(-0.6, 0.6), scale=(0.15, 0.35)), dtype=F64).unsqueeze(0)
+    g = torch.tensor(scene(rng, 3, xy=(-0.6, 0.6), scale=(1.2, 2.8)), dtype=F64).unsqueeze(0)
     raw = (torch.tensor(unit_quats(rng, 3), dtype=F64) * torch.tensor([[0.5], [2.0], [3.0]])).unsqueeze(0)
     raw.requires_grad_(True)
 
@@ -288,23 +290,40 @@ def test_camera_maps_world_square_onto_pixel_grid():
     means2d = splat.project(gaussians_at([[0, 0, 0], [-1, 0, 0], [0, 1, 0], [1, -1, 0.5]]), H, W)[0][0]
     expected = torch.tensor([[W / 2, H / 2], [0.0, H / 2], [W / 2, H], [W, 0.0]], dtype=F64)
     assert torch.equal(means2d, expected)
-    assert torch.equal(splat.project(gaussians_at([[1, -1, 0.5]]), H, W)[2], torch.tensor([[0.5]], dtype=F64))
+    assert torch.equal(splat.project(gaussians_at([[1, -1, 0.5]]), H, W)[2], torch.tensor([[8.5]], dtype=F64))
 
 
-def test_small_isotropic_gaussian_has_sigma2_scaled_by_half_image_plus_0_3():
-    H, W, s = 12, 9, 0.01
+def test_small_isotropic_gaussian_at_centre_has_sigma2_of_focal_over_depth_plus_0_3():
+    # At x = y = 0 the EWA Jacobian is diag(fx, fy) / zc, so an isotropic Gaussian of std s has
+    # Sigma2 = diag((s fx / zc)^2, (s fy / zc)^2) + 0.3 I whatever its rotation.
+    H, W, s = 12, 9, 0.08
     g = gaussians_at(torch.zeros(5, 3), scale=s)
+    g[0, :, 2] = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=F64)
     g[0, :, 6:10] = special_quats()[::50][:5]  # any rotation: an isotropic Gaussian stays isotropic in 3-D
     a, b, c = splat.project(g, H, W)[1][0].unbind(-1)
     det = a * c - b * b
     sigma2 = torch.stack([c / det, -b / det, a / det], -1)  # explicit inverse of [[a, b], [b, c]]
-    expected = torch.tensor([(s * W / 2) ** 2 + 0.3, 0.0, (s * H / 2) ** 2 + 0.3], dtype=F64).expand(5, 3)
+    zc = g[0, :, 2] + 8
+    expected = torch.stack([(s * W / 2 / zc) ** 2 + 0.3, 0 * zc, (s * H / 2 / zc) ** 2 + 0.3], -1)
     torch.testing.assert_close(sigma2, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_nearer_gaussian_of_the_same_scale_has_the_larger_footprint_by_8_over_z_plus_8():
+    H, W, s = 64, 64, 1.0
+    g = gaussians_at([[0.0, 0.0, -1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]], scale=s)
+    extent = splat.project(g, H, W)[5][0, :, 0]  # 3.33 sqrt(Sigma2_xx): grows with the std in pixels
+    std = (extent / 3.33) ** 2 - 0.3  # Sigma2_xx without the 0.3 px^2 low-pass
+    torch.testing.assert_close(std.sqrt(), torch.tensor([32 / 7, 32 / 8, 32 / 9], dtype=F64), rtol=1e-9, atol=0)
+    assert std[0] > std[1] > std[2]  # near (z = -1) draws 9/7 as wide as far (z = 1)
+    # ... and the rendered blob covers more pixels (those darker than 0.5 on the white background)
+    g[0, :, 10:13], g[0, :, 13] = 0.0, 0.9
+    areas = [(splat.render(g[:, i : i + 1], H, W, backend="torch") < 0.5).sum().item() for i in range(3)]
+    assert areas[0] > areas[1] > areas[2] > 0
 
 
 def test_culling_extent_is_3_33_sigma2_standard_deviations():
     H, W = 12, 9
-    g = scene(np.random.default_rng(8), 20, scale=(0.01, 0.5))
+    g = scene(np.random.default_rng(8), 20, scale=(0.08, 4.0))
     extent = splat.project(torch.tensor(g, dtype=F64).unsqueeze(0), H, W)[5][0].numpy()
     sigma2 = np.stack([project_reference(gi, H, W)[6] for gi in g])
     np.testing.assert_allclose(extent, 3.33 * np.sqrt(sigma2[:, [0, 1], [0, 1]]), rtol=1e-12)
@@ -312,7 +331,7 @@ def test_culling_extent_is_3_33_sigma2_standard_deviations():
 
 def test_culling_box_contains_every_pixel_with_alpha_at_least_1_over_255():
     H, W = 48, 40
-    g = scene(np.random.default_rng(9), 300, scale=(0.001, 0.15), opacity=(1.0, 1.0))
+    g = scene(np.random.default_rng(9), 300, scale=(0.008, 1.2), opacity=(1.0, 1.0))
     g[:, 3] *= np.random.default_rng(10).uniform(0.02, 1.0, size=300)  # needle-like, rotated Gaussians
     means2d, conic, _, _, opacity, extent = splat.project(torch.tensor(g, dtype=F64).unsqueeze(0), H, W)
     ys, xs = torch.meshgrid(torch.arange(H, dtype=F64) + 0.5, torch.arange(W, dtype=F64) + 0.5, indexing="ij")
@@ -334,32 +353,32 @@ def test_culling_box_contains_every_pixel_with_alpha_at_least_1_over_255():
 # 5. Compositing rules.
 
 
-def test_opaque_gaussian_at_pixel_centre_gives_0_99_rgb_plus_0_01_white_and_no_opacity_gradient():
+def test_opaque_gaussian_at_pixel_centre_gives_0_999_rgb_plus_0_001_white_and_no_opacity_gradient():
     H, W = 8, 8
     x, y = pixel_centre_xy(3, 5, H, W)
-    g = gaussians_at([[x, y, 0.0]], scale=0.05)
+    g = gaussians_at([[x, y, 0.0]], scale=0.4)
     g[0, 0, 10:13] = torch.tensor([0.2, 0.5, 0.9], dtype=F64)
     g[0, 0, 13] = 1.0
     g.requires_grad_(True)
     pixel = splat.render(g, H, W, backend="torch")[0, :, 5, 3]
-    expected = 0.99 * torch.tensor([0.2, 0.5, 0.9], dtype=F64) + (1 - 0.99) * 1.0
+    expected = 0.999 * torch.tensor([0.2, 0.5, 0.9], dtype=F64) + (1 - 0.999) * 1.0
     torch.testing.assert_close(pixel, expected, rtol=0, atol=1e-16)
     (grad,) = torch.autograd.grad(pixel.sum(), g)
     assert grad[0, 0, 13].item() == 0.0  # the clamp passes no gradient to opacity ...
     assert grad[0, 0, 0:10].abs().max().item() == 0.0  # ... nor to position, scale or rotation
-    torch.testing.assert_close(grad[0, 0, 10:13], torch.full((3,), 0.99, dtype=F64), rtol=0, atol=1e-16)
+    torch.testing.assert_close(grad[0, 0, 10:13], torch.full((3,), 0.999, dtype=F64), rtol=0, atol=1e-16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_gaussian_with_opacity_below_1_over_255_leaves_image_exactly_white(dtype):
-    g = gaussians_at([[0.0, 0.0, 0.0]], scale=0.3, dtype=dtype)
+    g = gaussians_at([[0.0, 0.0, 0.0]], scale=2.4, dtype=dtype)
     g[0, 0, 10:13], g[0, 0, 13] = 0.0, 0.5 / 255
     assert torch.equal(splat.render(g, 7, 5, backend="torch"), torch.ones(1, 3, 7, 5, dtype=dtype))
 
 
 def test_offscreen_gaussians_leave_white_background_exactly():
     xyz = [[3.0, 0.0, 0.0], [-3.0, 0.5, 0.1], [0.0, 4.0, -0.3], [0.2, -3.5, 0.9], [5.0, 5.0, 0.0]]
-    g = gaussians_at(xyz, scale=0.05)
+    g = gaussians_at(xyz, scale=0.4)
     g[0, :, 10:13], g[0, :, 13] = 0.0, 1.0
     assert torch.equal(splat.render(g, 12, 9, backend="torch"), torch.ones(1, 3, 12, 9, dtype=F64))
 
@@ -367,9 +386,9 @@ def test_offscreen_gaussians_leave_white_background_exactly():
 @pytest.mark.parametrize("z_red,z_blue,front,back", [(-0.5, 0.5, 0, 2), (0.5, -0.5, 2, 0)])
 def test_nearer_opaque_gaussian_hides_farther_one(z_red, z_blue, front, back):
     x, y = pixel_centre_xy(4, 4, 8, 8)
-    g = gaussians_at([[x, y, z_red], [x, y, z_blue]], scale=0.3)
+    g = gaussians_at([[x, y, z_red], [x, y, z_blue]], scale=2.4)
     g[0, :, 10:13] = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]], dtype=F64)
-    g[0, :, 13] = 0.98  # nearly opaque, below the 0.99 clamp
+    g[0, :, 13] = 0.98  # nearly opaque, below the 0.999 clamp
     pixel = splat.render(g, 8, 8, backend="torch")[0, :, 4, 4]
     expected = torch.full((3,), 0.02 * 0.02, dtype=F64)
     expected[front] += 0.98
@@ -378,54 +397,84 @@ def test_nearer_opaque_gaussian_hides_farther_one(z_red, z_blue, front, back):
 
 
 def test_equal_depths_composite_in_gaussian_index_order():
-    g = gaussians_at([[0.0, 0.0, 0.2], [0.0, 0.0, 0.2]], scale=0.3)
+    g = gaussians_at([[0.0, 0.0, 0.2], [0.0, 0.0, 0.2]], scale=2.4)
     g[0, :, 10:13] = torch.tensor([[0, 1.0, 0], [1.0, 0, 0]], dtype=F64)
     g[0, :, 13] = 0.5
     pixel = splat.render(g, 8, 8, backend="torch")[0, :, 4, 4]
-    alpha = 0.5 * math.exp(-0.5 * 0.5**2 / ((0.3 * 4) ** 2 + 0.3) * 2)  # pixel centre (4.5, 4.5), mean (4, 4)
+    std = 2.4 * 4 / 8.2  # s fx / zc: at the image centre the EWA Jacobian is diag(fx, fy) / zc
+    alpha = 0.5 * math.exp(-0.5 * 0.5**2 / (std**2 + 0.3) * 2)  # pixel centre (4.5, 4.5), mean (4, 4)
     expected = [(1 - alpha) * alpha + (1 - alpha) ** 2, alpha + (1 - alpha) ** 2, (1 - alpha) ** 2]
     torch.testing.assert_close(pixel, torch.tensor(expected, dtype=F64), rtol=0, atol=1e-14)
 
 
 def test_float32_and_float64_renders_agree_to_1e_5():
     rng = np.random.default_rng(11)
-    g = np.stack([scene(rng, 12, scale=(0.02, 0.4), opacity=(0.05, 0.9)) for _ in range(3)])
+    g = np.stack([scene(rng, 12, scale=(0.16, 3.2), opacity=(0.05, 0.9)) for _ in range(3)])
     img64 = splat.render(torch.tensor(g, dtype=F64), 12, 9, backend="torch")
     img32 = splat.render(torch.tensor(g, dtype=torch.float32), 12, 9, backend="torch")
     assert img32.dtype == torch.float32
     torch.testing.assert_close(img32.double(), img64, rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="DESIGN.md constants: (1 - 0.99)^2 equals the 1e-4 stop threshold, so the "
-                   "stop decision at two clamped Gaussians depends on float rounding (float32 stops, float64 not)")
-def test_two_clamped_gaussians_render_the_same_in_float32_and_float64():
-    # Two opaque Gaussians over one pixel centre: each alpha clamps to 0.99, and T_next = 0.01^2 lands
-    # exactly on the 1e-4 stop threshold. float64 rounds 1 - 0.99 up (T_next = 1.0000000000000018e-4,
-    # second Gaussian drawn); float32 rounds it down (T_next = 9.99998e-5, stop): the pixel differs by 0.0099.
-    g = gaussians_at([[-0.125, -0.125, -0.5], [-0.125, -0.125, 0.5]], scale=0.05)  # centre of pixel (3, 3)
-    g[0, :, 10:13] = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]], dtype=F64)
+@pytest.mark.parametrize("n", [2, 3])
+def test_clamped_gaussians_render_the_same_in_float32_and_float64(n):
+    # n opaque Gaussians over one pixel centre, each alpha clamped to 0.999. With the 0.999 clamp,
+    # (1 - 0.999)^2 = 1e-6 is far below the 1e-4 stop threshold, so float32 and float64 agree (under 3DGS's
+    # 0.99, 0.01^2 = 1e-4 sat exactly on it and the two precisions disagreed: the old strict xfail).
+    xy = pixel_centre_xy(3, 3, 8, 8)
+    g = gaussians_at([[*xy, z] for z in (-0.5, 0.5, 0.9)[:n]], scale=0.4)
+    g[0, :, 10:13] = torch.eye(3, dtype=F64)[:n]
     g[0, :, 13] = 1.0
     img64 = splat.render(g, 8, 8, backend="torch")
     img32 = splat.render(g.float(), 8, 8, backend="torch")
     torch.testing.assert_close(img32.double(), img64, rtol=0, atol=1e-5)
+    # The front one is drawn at 0.999; the second would leave T = 0.001^2 = 1e-6 <= 1e-4, so it stops the pixel.
+    expected = torch.tensor([0.999, 0.0, 0.0], dtype=F64) + 0.001  # + T * white background
+    torch.testing.assert_close(img64[0, :, 3, 3], expected, rtol=0, atol=1e-12)
 
 
 def test_batched_render_equals_per_image_render():
     rng = np.random.default_rng(12)
-    g = torch.tensor(np.stack([scene(rng, 7, scale=(0.05, 0.5), opacity=(0.1, 1.0)) for _ in range(4)]), dtype=F64)
+    g = torch.tensor(np.stack([scene(rng, 7, scale=(0.4, 4.0), opacity=(0.1, 1.0)) for _ in range(4)]), dtype=F64)
     g[2, :, 2] = 0.0  # one image with all depths tied
     batched = splat.render(g, 9, 12, backend="torch")
     single = torch.cat([splat.render(g[i : i + 1], 9, 12, backend="torch") for i in range(4)])
     torch.testing.assert_close(batched, single, rtol=0, atol=1e-15)
 
 
-def test_depth_orders_but_gets_no_gradient_under_the_orthographic_camera():
-    rng = np.random.default_rng(5)
-    g = torch.tensor(scene(rng, 6, scale=(0.1, 0.4), opacity=(0.3, 0.9)), dtype=F64).unsqueeze(0).requires_grad_()
+def depth_scene(seed):
+    """Six Gaussians with depths 0.3 apart (no two can swap under a small step of z) over a 9 x 7 image."""
+    g = scene(np.random.default_rng(seed), 6, xy=(-0.5, 0.5), scale=(0.8, 3.2), opacity=(0.3, 0.9))
+    g[:, 2] = np.random.default_rng(seed + 100).permutation(np.linspace(-0.75, 0.75, 6))
+    return torch.tensor(g, dtype=F64).unsqueeze(0)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_depth_gradient_equals_central_finite_difference_and_is_not_zero(seed):
+    g = depth_scene(seed).requires_grad_()
+    weights = torch.rand(1, 3, 9, 7, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    f = lambda t: (splat.render(t, 9, 7, backend="torch") * weights).sum()  # noqa: E731
+    (grad,) = torch.autograd.grad(f(g), g)
+    eps = 1e-6
+    for k in range(6):
+        plus, minus = g.detach().clone(), g.detach().clone()
+        plus[0, k, 2] += eps
+        minus[0, k, 2] -= eps
+        fd = (f(plus) - f(minus)).item() / (2 * eps)
+        assert grad[0, k, 2].item() == pytest.approx(fd, rel=1e-6, abs=1e-9)
+    assert grad[0, :, 2].abs().min().item() > 1e-4  # every Gaussian's depth moves the image
+
+
+def test_render_gradcheck_covers_depth_float64():
+    g = depth_scene(7)[..., :3].clone().requires_grad_()  # only the centres vary; z is what is new
+    rest = depth_scene(7)[..., 3:]
+    assert torch.autograd.gradcheck(lambda xyz: splat.render(torch.cat([xyz, rest], -1), 9, 7, backend="torch"),
+                                    (g,), eps=1e-6, atol=1e-6)
+
+
+def test_depth_both_orders_and_sizes():
+    g = depth_scene(8)
     img = splat.render(g, 9, 7, backend="torch")
-    (grad,) = torch.autograd.grad((img * torch.rand_like(img)).sum(), g)
-    assert grad[..., 2].abs().max() == 0  # z: ordering only
-    assert grad[..., [0, 1, 3, 4, 13]].abs().amax(dim=1).min() > 0  # x, y, scale x/y, opacity do get gradient
-    swapped = g.detach().clone()
-    swapped[..., 2] = -swapped[..., 2]  # reversing the order changes the image
+    swapped = g.clone()
+    swapped[..., 2] = -swapped[..., 2]  # reversing the order (and the sizes) changes the image
     assert (splat.render(swapped, 9, 7, backend="torch") - img).abs().max() > 1e-3

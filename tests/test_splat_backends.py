@@ -3,7 +3,7 @@
 The torch reference `rasterize_torch` is the spec (tests/test_splat.py checks it against a per-pixel loop and
 gradcheck). Every compiled backend must give the same image and the same gradients w.r.t. all 14 valid
 Gaussian parameters through `splat.render`, compared with the float64 reference: to float32 rounding for
-float32 inputs, to ~1e-10 for float64 inputs. Scenes cover the random case and each rule's corner: the 0.99
+float32 inputs, to ~1e-10 for float64 inputs. Scenes cover the random case and each rule's corner: the 0.999
 clamp, the T <= 1e-4 stop, opacity 0, tiny and off-image Gaussians, depth ties, K = 1 and K = 4096, odd
 image sizes. A short Adam run checks that training with the cpu kernel follows the reference.
 
@@ -102,7 +102,7 @@ def test_4096_gaussians_match_reference(backend, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_single_gaussian_matches_reference(backend, dtype):
-    g = gaussians_from([[0.1, -0.2, 0.0]], [0.1], [[0.2, 0.5, 0.9]], [0.7], dtype=dtype)
+    g = gaussians_from([[0.1, -0.2, 0.0]], [0.8], [[0.2, 0.5, 0.9]], [0.7], dtype=dtype)
     assert_matches_reference(g, 12, 10, backend)
 
 
@@ -123,24 +123,34 @@ def test_near_zero_scale_matches_reference(backend, dtype):
 def test_opacity_zero_and_one_match_reference(backend, dtype):
     g = splat.random_gaussians(2, 80, generator=torch.Generator().manual_seed(5), dtype=dtype)
     g[:, 0::3, 13] = 0.0  # never pass the alpha test
-    g[:, 1::3, 13] = 1.0  # clamped to 0.99 near their centres
+    g[:, 1::3, 13] = 1.0  # clamped to 0.999 near their centres
     _, grad = assert_matches_reference(g, 20, 20, backend)
     assert torch.all(grad[:, 0::3] == 0)
 
 
 def test_clamped_alpha_passes_no_gradient_to_opacity(backend):
-    # One opaque Gaussian centred on pixel (3, 2): alpha = min(0.99, 1 * exp(0)) = 0.99 there.
+    # One opaque Gaussian centred on pixel (3, 2): alpha = min(0.999, 1 * exp(0)) = 0.999 there.
     H, W = 6, 8
-    g = gaussians_from([[pixel_centre(3, W), pixel_centre(2, H), 0.0]], [0.01], [[0.2, 0.4, 0.6]], [1.0])
+    g = gaussians_from([[pixel_centre(3, W), pixel_centre(2, H), 0.0]], [0.08], [[0.2, 0.4, 0.6]], [1.0])
     g = g.to(device_of(backend)).requires_grad_()
     pixel = splat.render(g, H, W, backend=backend)[0, :, 2, 3]
-    expected = 0.99 * torch.tensor([0.2, 0.4, 0.6], dtype=F64) + 0.01
+    expected = 0.999 * torch.tensor([0.2, 0.4, 0.6], dtype=F64) + 0.001
     torch.testing.assert_close(pixel.detach().cpu(), expected, rtol=0, atol=1e-14)
     pixel.sum().backward()
-    # Through this pixel alone opacity, mean and scale get nothing; rgb gets alpha * T = 0.99 each.
+    # Through this pixel alone opacity, mean, depth and scale get nothing; rgb gets alpha * T = 0.999 each.
     grad = g.grad[0, 0].cpu()
-    assert torch.all(grad[[0, 1, 3, 4, 5, 13]] == 0)
-    torch.testing.assert_close(grad[10:13], torch.full((3,), 0.99, dtype=F64), rtol=0, atol=1e-14)
+    assert torch.all(grad[[0, 1, 2, 3, 4, 5, 13]] == 0)
+    torch.testing.assert_close(grad[10:13], torch.full((3,), 0.999, dtype=F64), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_depth_gradient_matches_reference_and_is_not_zero(backend, dtype):
+    # z reaches the image through the footprint (the camera's J in splat.project): the kernel's conic
+    # gradient must carry it exactly as the reference does. Depths 0.1 apart: no re-ordering.
+    g = splat.random_gaussians(2, 20, generator=torch.Generator().manual_seed(15), dtype=dtype)
+    g[..., 2] = torch.linspace(-0.95, 0.95, 20, dtype=dtype)[torch.randperm(20, generator=torch.Generator().manual_seed(16))]
+    _, grad = assert_matches_reference(g, 24, 24, backend)
+    assert (grad[..., 2].abs() > 0).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -174,7 +184,7 @@ def test_equal_depth_lower_index_is_in_front(backend):
     centre = [pixel_centre(1, W), pixel_centre(2, H), 0.25]
     red, blue = [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]
     for colours in ([red, blue], [blue, red]):
-        g = gaussians_from([centre, centre], [0.01, 0.01], colours, [0.9, 0.9]).to(device_of(backend))
+        g = gaussians_from([centre, centre], [0.08, 0.08], colours, [0.9, 0.9]).to(device_of(backend))
         pixel = splat.render(g, H, W, backend=backend)[0, :, 2, 1].cpu()
         first, second = torch.tensor(colours[0], dtype=F64), torch.tensor(colours[1], dtype=F64)
         torch.testing.assert_close(pixel, 0.9 * first + 0.09 * second + 0.01, rtol=0, atol=1e-14)
@@ -188,7 +198,7 @@ def test_early_stop_under_50_opaque_gaussians(backend, dtype):
     K = 50
     xyz = [[pixel_centre(3, W), pixel_centre(3, H), k / K] for k in range(K)]
     rgb = torch.rand(K, 3, generator=torch.Generator().manual_seed(10), dtype=F64)
-    g = gaussians_from(xyz, [0.002] * K, rgb, [0.95] * K, dtype=dtype)
+    g = gaussians_from(xyz, [0.016] * K, rgb, [0.95] * K, dtype=dtype)
     image, grad = assert_matches_reference(g, H, W, backend)
 
     rgb = rgb.to(dtype).to(F64)  # the colours the kernel saw
