@@ -206,8 +206,11 @@ def _background(rng, x, y, img_size):
     return c0 * (1 - w[..., None]) + c1 * w[..., None]
 
 
-def render_scene(rng, img_size, label, max_occluders=8):
+def render_scene(rng, img_size, label, max_occluders=8, fg_anywhere=False):
     """One dead-leaves scene: background, 2..max_occluders occluders, then the foreground of class `label`.
+    The foreground's centre is drawn in [0.3, 0.7] of the image (near the centre), or in [0.1, 0.9] with
+    fg_anywhere (the same random draws, so everything else in the scene stays as it is): a val set where a
+    centre prior cannot find the object (zeroshot.py's control).
     Returns image uint8 [H, W, 3], layers int64 [H, W] (0 background, k = k-th shape painted) and the
     foreground's layer id."""
     coords = np.arange(img_size, dtype=np.float32) + 0.5  # pixel i has its centre at i + 0.5
@@ -223,7 +226,8 @@ def render_scene(rng, img_size, label, max_occluders=8):
         r = img_size * math.exp(rng.uniform(math.log(0.08), math.log(0.35)))
         shapes.append((kind, texture, r, rng.uniform(0, img_size, 2)))
     r = img_size * rng.uniform(0.2, 0.3)
-    shapes.append((SHAPES[label % len(SHAPES)], TEXTURES[label // len(SHAPES)], r, rng.uniform(0.3, 0.7, 2) * img_size))
+    lo, hi = (0.1, 0.9) if fg_anywhere else (0.3, 0.7)
+    shapes.append((SHAPES[label % len(SHAPES)], TEXTURES[label // len(SHAPES)], r, rng.uniform(lo, hi, 2) * img_size))
 
     for k, (kind, texture, r, (cx, cy)) in enumerate(shapes, start=1):
         angle, aspect = rng.uniform(0, 2 * math.pi), rng.uniform(0.3, 1.0)
@@ -256,7 +260,7 @@ def boundary_map(layers):
 class SyntheticScenes(Dataset):
     """n dead-leaves scenes of img_size x img_size; item i has label i % num_classes (balanced classes)."""
 
-    def __init__(self, n, img_size=32, num_classes=10, seed=0, transform=None):
+    def __init__(self, n, img_size=32, num_classes=10, seed=0, transform=None, fg_anywhere=False):
         max_classes = len(SHAPES) * len(TEXTURES)
         if n < 1:
             raise ValueError(f"SyntheticScenes needs n >= 1 images, got {n}")
@@ -267,6 +271,7 @@ class SyntheticScenes(Dataset):
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.n, self.img_size, self.num_classes, self.seed, self.transform = n, img_size, num_classes, seed, transform
+        self.fg_anywhere = fg_anywhere  # foreground centre anywhere in [0.1, 0.9] of the image, not near the centre
         self.classes = [f"{SHAPES[c % len(SHAPES)]}-{TEXTURES[c // len(SHAPES)]}" for c in range(num_classes)]
 
     def __len__(self):
@@ -277,7 +282,7 @@ class SyntheticScenes(Dataset):
             raise IndexError(f"scene index {i} out of range for {self.n} scenes")
         label = i % self.num_classes
         rng = np.random.default_rng([self.seed, i])  # depends on (seed, i) only: any order, any worker
-        img, layers, fg = render_scene(rng, self.img_size, label)
+        img, layers, fg = render_scene(rng, self.img_size, label, fg_anywhere=self.fg_anywhere)
         return img, layers, fg, label
 
     def __getitem__(self, i):
@@ -419,7 +424,8 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=16, help="number of scenes")
     parser.add_argument("--img-size", type=int, default=32, help="scene size in pixels")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed")
+    parser.add_argument("--fg-anywhere", action="store_true", help="place the foreground object anywhere, not near the centre")
     args = parser.parse_args()
-    ds = SyntheticScenes(args.n, args.img_size, seed=args.seed)
+    ds = SyntheticScenes(args.n, args.img_size, seed=args.seed, fg_anywhere=args.fg_anywhere)
     scene_grid(ds, args.n).save(args.out)
     print(f"wrote {args.out}: {args.n} scenes ({', '.join(ds.classes)})")
