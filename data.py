@@ -378,20 +378,22 @@ class FlatFolderDataset(Dataset):
         return _apply(self.transform, load_rgb(self.samples[i])), -1
 
 
-def build_dataset(data, img_size, train=True, n_synthetic=None, seed=0):
+def build_dataset(data, img_size, train=True, n_synthetic=None, seed=0, augment=None):
     """data = "synthetic" or a folder. Folders: root/{train,val} picks the split when both exist; then image
     files directly in the folder make it a flat folder, otherwise subfolders are classes.
-    n_synthetic defaults to 2048 train / 512 val scenes; the val scenes use seed + VAL_SEED_OFFSET."""
+    n_synthetic defaults to 2048 train / 512 val scenes; the val scenes use seed + VAL_SEED_OFFSET.
+    augment (default: train) picks train_transform over the evaluation view; probe.py reads the train split
+    without it, to extract each image's features once."""
     if not isinstance(img_size, int) or img_size < 1:
         raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
+    augment = train if augment is None else augment
     if data == "synthetic":
         n = n_synthetic or (2048 if train else 512)
         # Scenes are generated at img_size, so evaluation needs no resize or crop (which would also move
         # the images off their masks and boundaries).
-        if train:
-            return SyntheticScenes(n, img_size, seed=seed, transform=train_transform(img_size))
-        return SyntheticScenes(n, img_size, seed=seed + VAL_SEED_OFFSET)
-    transform = train_transform(img_size) if train else eval_transform(img_size)
+        transform = train_transform(img_size) if augment else None
+        return SyntheticScenes(n, img_size, seed=seed + (0 if train else VAL_SEED_OFFSET), transform=transform)
+    transform = train_transform(img_size) if augment else eval_transform(img_size)
     root = data
     if os.path.isdir(os.path.join(data, "train")) and os.path.isdir(os.path.join(data, "val")):
         root = os.path.join(data, "train" if train else "val")

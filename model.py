@@ -416,6 +416,8 @@ def read_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}: make one with `python train.py --out {os.path.dirname(path) or '.'}`")
     ckpt = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a checkpoint written by train.py or finetune.py (no 'model' and 'config')")
     names = {f.name for f in fields(GMAEConfig)}
     ckpt["config"] = GMAEConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
     return ckpt
@@ -428,3 +430,76 @@ def load_checkpoint(path, device="cpu"):
     model = GMAE(cfg).to(device)
     model.load_state_dict(ckpt["model"])
     return model, ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipe pieces shared by train.py, probe.py and finetune.py (MAE util/lr_sched.py, util/lr_decay.py)
+
+NO_DECAY = ("cls_token", "pos_embed", "queries", "mask_token")
+
+
+def skips_weight_decay(name, param):
+    """Biases, norms (1-D tensors), tokens and position embeddings get no weight decay (MAE)."""
+    return param.ndim <= 1 or name.split(".")[-1] in NO_DECAY
+
+
+def param_groups(model, weight_decay):
+    """Two AdamW groups: [decay, no decay] (see skips_weight_decay)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if skips_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step, total_steps, warmup_steps, lr, min_lr):
+    """Linear warmup then half-cycle cosine, per iteration (MAE util/lr_sched.py)."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pretrained encoder as a feature extractor (probe.py, finetune.py)
+
+
+def load_encoder(path, img_size=None, patch_size=None, drop_path=0.0, device="cpu"):
+    """The encoder of a checkpoint written by train.py (GMAE or MAE alike: both decoders sit on the same
+    Encoder) or by finetune.py. Returns (encoder, cfg); cfg.img_size is the size the encoder now takes.
+
+    img_size other than the checkpoint's: the position embedding is fixed 2-D sin-cos and never trained, so
+    it is recomputed for the new patch grid (patch i still sits at grid position i, as in pretraining);
+    every trained weight loads unchanged. A different patch size cannot reuse the patch embedding, so asking
+    for one (patch_size) is an error that says to pretrain with that --patch.
+    """
+    ckpt = read_checkpoint(path, device)
+    cfg = ckpt["config"]
+    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    if not state:
+        raise ValueError(f"{path} holds no encoder weights (no 'encoder.*' entries); pass a checkpoint from train.py")
+    if patch_size is not None and patch_size != cfg.patch_size:
+        raise ValueError(f"{path} was pretrained with patch size {cfg.patch_size}, not {patch_size}; its patch "
+                         f"embedding does not fit: pretrain with `python train.py --patch {patch_size}`")
+    if img_size is not None and img_size != cfg.img_size:
+        if img_size % cfg.patch_size:
+            raise ValueError(f"image size {img_size} is not divisible by the checkpoint's patch size "
+                             f"{cfg.patch_size}; pick a multiple of {cfg.patch_size} or pretrain at that size")
+        cfg = GMAEConfig(**{**asdict(cfg), "img_size": img_size})
+    encoder = Encoder(cfg, drop_path=drop_path).to(device)
+    state["pos_embed"] = encoder.pos_embed.detach().clone()  # fixed sin-cos of this grid, equal when unchanged
+    encoder.load_state_dict(state)
+    return encoder, cfg
+
+
+def encode(encoder, imgs, pool="cls"):
+    """Images [B, 3, H, W] in [0, 1] -> features [B, D] of the whole image (mask 0).
+
+    pool="cls": the normalised cls token (MAE's linear probe); "mean": the mean of the normalised patch
+    tokens (MAE's fine-tuning uses global pooling)."""
+    latents = encoder(normalize(imgs))[0]  # [B, 1 + N, D]
+    if pool == "cls":
+        return latents[:, 0]
+    if pool == "mean":
+        return latents[:, 1:].mean(dim=1)
+    raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")

@@ -1,0 +1,276 @@
+"""
+Fine-tune a pretrained encoder end to end for classification (MAE's recipe, scaled down), or train the same
+classifier from scratch to see what pretraining is worth.
+
+    python finetune.py --ckpt runs/gmae/checkpoint.pt                  # synthetic scenes, a few minutes on 2 CPU cores
+    python finetune.py --ckpt runs/gmae/checkpoint.pt --from-scratch   # same model and recipe, random init
+    python finetune.py --ckpt runs/cifar_gmae/checkpoint.pt --data /path/cifar10_subset --epochs 20
+
+Model: the checkpoint's encoder (GMAE and MAE checkpoints alike), whole image (mask 0), then
+    logits = Linear(pool(encoder(image)))      pool: mean of the patch tokens (MAE fine-tuning) or cls token
+Recipe (MAE, He et al. 2022, Sec. A.3; GMAE paper Sec. 6; numbers in brackets are theirs for ViT-B):
+    AdamW, betas (0.9, 0.999), weight decay 0.05 except biases, norms and tokens, lr = blr * batch / 256 [5e-4],
+    per-step linear warmup then cosine (model.lr_at)
+    layer-wise lr decay (BEiT, Bao et al. 2021): parameters of layer l get lr * decay^(L + 1 - l), with
+        l = 0 for the patch embedding, cls token and position embedding, l = i + 1 for block i, and
+        l = L + 1 for the final norm and the head (L = encoder depth)  [0.65 in MAE; the GMAE paper: 0.8].
+        Default 0.65: with 6 blocks it gives the patch embedding 0.65^7 = 0.05 of the head's lr, as ViT-B's
+        12 blocks at 0.8 do (0.8^13 = 0.05).
+    drop path (stochastic depth) rising linearly to --drop-path in the last block [0.1]
+    mixup (Zhang et al. 2018) or cutmix (Yun et al. 2019), one per batch, with label smoothing [0.8, 1.0, 0.1]
+    light augmentation: random resized crop (scale 0.2-1) and horizontal flip [RandAugment (9, 0.5), erasing]
+Every epoch: top-1 (and top-5 with more than 5 classes) on the validation split; writes finetune_last.pt,
+finetune_best.pt (best top-1) and finetune.json into --out (default: finetune[_scratch]/ beside the checkpoint).
+
+Shapes: B batch, N patches, D encoder width, C classes.
+"""
+import argparse
+import json
+import math
+import os
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import build_dataset
+from model import Encoder, GMAEConfig, encode, load_encoder, lr_at, read_checkpoint, skips_weight_decay
+
+
+class Classifier(nn.Module):
+    """encoder -> pooled feature [B, D] -> Linear -> logits [B, C]. Head init as MAE: trunc-normal(2e-5)."""
+
+    def __init__(self, encoder, dim, num_classes, pool="mean"):
+        super().__init__()
+        self.encoder, self.pool = encoder, pool
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, imgs):  # [B, 3, H, W] in [0, 1] -> [B, C]
+        return self.head(encode(self.encoder, imgs, self.pool))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layer-wise lr decay (BEiT / MAE util/lr_decay.py)
+
+
+def layer_id(name, depth):
+    """0 for the embeddings, i + 1 for encoder block i, depth + 1 for the final norm and the head."""
+    if name.startswith(("encoder.patch_embed", "encoder.cls_token", "encoder.pos_embed")):
+        return 0
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    return depth + 1
+
+
+def layer_decay_groups(model, weight_decay, layer_decay, depth):
+    """AdamW groups, one per (layer, decay or not), each with lr_scale = layer_decay^(depth + 1 - layer)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid, no_wd = layer_id(name, depth), skips_weight_decay(name, p)
+        group = groups.setdefault((lid, no_wd), {"params": [], "names": [], "weight_decay": 0.0 if no_wd else weight_decay,
+                                                 "lr_scale": layer_decay ** (depth + 1 - lid)})
+        group["params"].append(p)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixup / cutmix with label smoothing (after timm.data.Mixup, batch mode)
+
+
+def smooth_one_hot(labels, num_classes, smoothing):
+    """[B] -> [B, C]: 1 - smoothing + smoothing / C on the label, smoothing / C elsewhere (rows sum to 1)."""
+    off = smoothing / num_classes
+    return torch.full((labels.shape[0], num_classes), off).scatter_(1, labels[:, None], 1.0 - smoothing + off)
+
+
+def cutmix_box(H, W, lam):
+    """A box of area about (1 - lam) H W at a uniform random centre, clipped to the image: (top, bottom, left, right)."""
+    cut = math.sqrt(1.0 - lam)
+    h, w = int(H * cut), int(W * cut)
+    cy, cx = torch.randint(0, H, (1,)).item(), torch.randint(0, W, (1,)).item()
+    return max(cy - h // 2, 0), min(cy + h // 2, H), max(cx - w // 2, 0), min(cx + w // 2, W)
+
+
+def mix_batch(imgs, labels, num_classes, mixup=0.8, cutmix=1.0, smoothing=0.1):
+    """Mixes each image with the batch's reversed copy and returns (imgs [B, 3, H, W], soft targets [B, C]).
+    Random numbers come from torch's global generator (seed it for a repeatable run).
+
+    With both alphas > 0, each batch takes mixup or cutmix with probability 1/2 (timm's switch_prob 0.5).
+        lam ~ Beta(alpha, alpha)
+        mixup:  x = lam x + (1 - lam) x_rev
+        cutmix: x = x with a box of area (1 - lam) H W pasted from x_rev; lam <- 1 - box area / (H W) exactly
+        target = lam y + (1 - lam) y_rev,  y = smooth_one_hot(label)        (each row sums to 1)
+    """
+    y = smooth_one_hot(labels, num_classes, smoothing)
+    if mixup <= 0 and cutmix <= 0:
+        return imgs, y
+    use_cutmix = cutmix > 0 and (mixup <= 0 or torch.rand(1).item() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = torch.distributions.Beta(alpha, alpha).sample().item()
+    rev = imgs.flip(0)
+    if use_cutmix:
+        H, W = imgs.shape[-2:]
+        top, bottom, left, right = cutmix_box(H, W, lam)
+        imgs = imgs.clone()
+        imgs[:, :, top:bottom, left:right] = rev[:, :, top:bottom, left:right]
+        lam = 1.0 - (bottom - top) * (right - left) / (H * W)
+    else:
+        imgs = lam * imgs + (1 - lam) * rev
+    return imgs, lam * y + (1 - lam) * y.flip(0)
+
+
+def soft_cross_entropy(logits, targets):
+    """Cross-entropy against soft targets [B, C]: mean over the batch of -sum_c t_c log softmax(logits)_c."""
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+@torch.no_grad()
+def evaluate(model, loader, device):
+    """Top-1 and (with more than 5 classes) top-5 accuracy in percent over the loader."""
+    model.eval()
+    hits, n = {}, 0
+    for imgs, labels in loader:
+        logits = model(imgs.to(device)).cpu()  # [B, C]
+        ks = [k for k in (1, 5) if k == 1 or k < logits.shape[1]]
+        ranked = logits.topk(max(ks), dim=1).indices == labels[:, None]  # [B, k_max]
+        for k in ks:
+            hits[f"top{k}"] = hits.get(f"top{k}", 0) + ranked[:, :k].any(dim=1).sum().item()
+        n += labels.shape[0]
+    return {k: 100.0 * v / n for k, v in hits.items()}
+
+
+def save_classifier(path, model, cfg, num_classes, classes, epoch, metrics):
+    """Atomic write. "model" holds encoder.* and head.* weights, so model.load_encoder reads the encoder back."""
+    tmp = path + ".tmp"
+    torch.save({"model": model.state_dict(), "config": asdict(cfg), "kind": "finetune", "num_classes": num_classes,
+                "classes": classes, "pool": model.pool, "epoch": epoch, "metrics": metrics}, tmp)
+    os.replace(tmp, path)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="runs/gmae/checkpoint.pt", help="checkpoint written by train.py")
+    p.add_argument("--from-scratch", action="store_true", help="random init (the checkpoint's size if it exists, "
+                   "else the tiny default): the same recipe without pretraining")
+    p.add_argument("--data", default="synthetic", help="'synthetic' (labelled scenes) or a folder with train/ and val/")
+    p.add_argument("--n-synthetic", type=int, default=2048, help="synthetic training scenes")
+    p.add_argument("--n-val", type=int, default=512, help="synthetic validation scenes")
+    p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--pool", default="mean", choices=["mean", "cls"], help="MAE fine-tuning: mean")
+    p.add_argument("--epochs", type=int, default=10, help="MAE ViT-B: 100")
+    p.add_argument("--warmup-epochs", type=float, default=1, help="MAE: 5")
+    p.add_argument("--batch-size", type=int, default=64, help="MAE: 1024")
+    p.add_argument("--blr", type=float, default=1e-3, help="base lr; lr = blr * batch / 256 (MAE ViT-B: 5e-4)")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--layer-decay", type=float, default=0.65, help="per-block lr decay (MAE ViT-B: 0.65; paper: 0.8)")
+    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the last block (MAE: 0.1)")
+    p.add_argument("--mixup", type=float, default=0.8, help="mixup Beta alpha, 0 = off (MAE: 0.8)")
+    p.add_argument("--cutmix", type=float, default=1.0, help="cutmix Beta alpha, 0 = off (MAE: 1.0)")
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (MAE: 0.1)")
+    p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm, 0 = off (MAE: off)")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default: finetune[_scratch]/ beside the checkpoint)")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "n_synthetic", "n_val"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.layer_decay <= 1:
+        p.error(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    if not 0 <= args.drop_path < 1 or not 0 <= args.smoothing < 1:
+        p.error(f"--drop-path and --smoothing must be in [0, 1), got {args.drop_path} and {args.smoothing}")
+    if args.mixup < 0 or args.cutmix < 0:
+        p.error(f"--mixup and --cutmix must be >= 0, got {args.mixup} and {args.cutmix}")
+    return p, args
+
+
+def build_encoder(args):
+    """(encoder, cfg): the checkpoint's encoder, or with --from-scratch a fresh one of the same size."""
+    if not args.from_scratch:
+        return load_encoder(args.ckpt, img_size=args.img_size, drop_path=args.drop_path)
+    cfg = read_checkpoint(args.ckpt)["config"] if os.path.isfile(args.ckpt) else GMAEConfig()
+    if args.img_size is not None:
+        cfg = GMAEConfig(**{**asdict(cfg), "img_size": args.img_size})
+    return Encoder(cfg, drop_path=args.drop_path), cfg
+
+
+def main(argv=None):
+    parser, args = get_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    try:
+        encoder, cfg = build_encoder(args)
+        train_set = build_dataset(args.data, cfg.img_size, train=True, n_synthetic=args.n_synthetic, seed=args.seed)
+        val_set = build_dataset(args.data, cfg.img_size, train=False, n_synthetic=args.n_val, seed=args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    if not train_set.num_classes or train_set.classes != val_set.classes:
+        parser.error(f"{args.data} needs the same class folders in train/ and val/ (root/{{train,val}}/<class>/<image>)")
+    if len(train_set) < args.batch_size:
+        parser.error(f"the training split has {len(train_set)} images, fewer than --batch-size {args.batch_size}")
+    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "finetune_scratch" if args.from_scratch else "finetune")
+    os.makedirs(out, exist_ok=True)
+
+    num_classes = train_set.num_classes
+    model = Classifier(encoder, cfg.enc_dim, num_classes, args.pool).to(device)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                               num_workers=args.workers, persistent_workers=args.workers > 0)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=args.workers)
+    lr = args.blr * args.batch_size / 256
+    groups = layer_decay_groups(model, args.weight_decay, args.layer_decay, cfg.enc_depth)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr)
+    total_steps = args.epochs * len(train_loader)
+    warmup_steps = int(args.warmup_epochs * len(train_loader))
+    print(f"{'from scratch' if args.from_scratch else args.ckpt} ({cfg.decoder} pretraining, {cfg.enc_dim}x{cfg.enc_depth}), "
+          f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, lr {lr:.2e}, out {out}")
+
+    history, best, step = [], None, 0
+    for epoch in range(args.epochs):
+        model.train()
+        loss_sum, seen = 0.0, 0
+        for imgs, labels in tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
+            imgs, targets = mix_batch(imgs, labels, num_classes, args.mixup, args.cutmix, args.smoothing)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, warmup_steps, lr, args.min_lr) * group["lr_scale"]
+            loss = soft_cross_entropy(model(imgs.to(device)), targets.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            step += 1
+            loss_sum += loss.item() * imgs.shape[0]
+            seen += imgs.shape[0]
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / seen, **evaluate(model, val_loader, device)}
+        history.append(metrics)
+        print(" ".join(f"{k} {v:.4f}" if k == "train_loss" else f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in metrics.items()))
+        save_classifier(os.path.join(out, "finetune_last.pt"), model, cfg, num_classes, train_set.classes, epoch, metrics)
+        if best is None or metrics["top1"] > best["top1"]:
+            best = metrics
+            save_classifier(os.path.join(out, "finetune_best.pt"), model, cfg, num_classes, train_set.classes, epoch, metrics)
+
+    result = {"ckpt": None if args.from_scratch else args.ckpt, "from_scratch": args.from_scratch, "decoder": cfg.decoder,
+              "data": args.data, "best": best, "last": history[-1], "history": history,
+              "args": {k: v for k, v in vars(args).items() if k not in ("device", "out")}}
+    with open(os.path.join(out, "finetune.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"top-1 {best['top1']:.1f} (best, epoch {best['epoch']}); last top-1 {history[-1]['top1']:.1f}; wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""
+How good is a pretrained encoder? A linear probe and a k-NN classifier on its frozen features.
+
+    python probe.py --ckpt runs/gmae/checkpoint.pt                     # synthetic scenes, ~1 min on 2 CPU cores
+    python probe.py --ckpt runs/mae/checkpoint.pt --pool mean
+    python probe.py --ckpt runs/gmae/checkpoint.pt --random-init       # the same encoder, untrained: the floor
+    python probe.py --ckpt runs/cifar_gmae/checkpoint.pt --data /path/cifar10_subset   # ImageFolder train/ val/
+
+Both readings use the encoder of a train.py checkpoint (GMAE and MAE alike), run on the whole image (mask 0):
+    features f = encode(encoder, image)        [B, D]: the normalised cls token (or the mean patch token)
+Every image's features are extracted once and kept in memory; the probes then never touch the encoder.
+
+1. Linear probe, MAE's protocol (He et al. 2022, Sec. A.2 and util/lars.py):
+       logits = W BN(f) + b        BatchNorm without affine (a parameter-free whitening of each feature), then
+                                   a linear layer with trunc-normal(0.01) weights
+       SGD with momentum 0.9 (or --optimizer lars), no weight decay, lr = blr * batch / 256, per-step linear
+       warmup then cosine (model.lr_at), cross-entropy. MAE: LARS, blr 0.1, batch 16384, 90 epochs, 10 warmup.
+   LARS (You et al. 2017) scales each weight matrix's step by 0.001 ||w|| / ||g||, which is made for huge
+   batches; at our batch of 256 its steps are 64x smaller than MAE's, so SGD is the default here.
+2. Weighted k-NN, DINO's protocol (Caron et al. 2021, eval_knn.py), no training at all:
+       f <- f / ||f||;  s_j = <f, f_j> over the training features;  keep the k largest
+       score(c) = sum over those k of exp(s_j / T) [label_j = c],   T = 0.07,  prediction = argmax_c score(c)
+
+Prints `top-1 XX.X` (and top-5 with more than 5 classes) on the validation split for each reading, and writes
+a JSON result beside the checkpoint: probe_<data>[_<pool>][_random].json.
+
+Shapes: B batch, M training images, V validation images, D encoder width, C classes, k neighbours.
+"""
+import argparse
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import build_dataset
+from model import Encoder, encode, load_encoder, lr_at
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Features, accuracy
+
+
+@torch.no_grad()
+def extract_features(encoder, dataset, pool="cls", batch_size=256, workers=0, device="cpu", desc="features"):
+    """Features [M, D] and labels [M] of every image in dataset, in order, with the encoder in eval mode."""
+    encoder.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    feats, labels = [], []
+    for imgs, y in tqdm(loader, desc=desc, leave=False):
+        feats.append(encode(encoder, imgs.to(device), pool).cpu())  # [B, D]
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def topk_accuracy(scores, labels, ks=(1, 5)):
+    """Percent of rows of scores [V, C] whose true label is among the k highest, for k = 1 and each k < C
+    (top-C is always 100)."""
+    ks = [k for k in ks if k == 1 or k < scores.shape[1]]
+    hits = scores.topk(max(ks), dim=1).indices == labels[:, None]  # [V, k_max]
+    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# k-NN (DINO)
+
+
+def knn_scores(train_feats, train_labels, test_feats, num_classes, k=20, temperature=0.07, chunk=1024):
+    """Weighted k-NN class scores [V, C]: each of the k most cosine-similar training features votes for its
+    label with weight exp(similarity / temperature) (DINO, eval_knn.py)."""
+    train = F.normalize(train_feats, dim=1)  # [M, D]
+    test = F.normalize(test_feats, dim=1)  # [V, D]
+    k = min(k, train.shape[0])
+    scores = []
+    for i in range(0, test.shape[0], chunk):
+        sim, idx = (test[i : i + chunk] @ train.T).topk(k, dim=1)  # [v, k] each
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=sim.dtype)
+        scores.append(votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp()))  # [v, C]
+    return torch.cat(scores)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Linear probe (MAE)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum where each weight matrix's step is scaled by trust = eta ||w|| / ||g + wd w||
+    (You et al. 2017); biases and other 1-D parameters take the plain SGD step (as MAE's util/lars.py)."""
+
+    def __init__(self, params, lr=0.1, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = p.norm(), d.norm()
+                    trust = group["eta"] * w_norm / d_norm if w_norm > 0 and d_norm > 0 else 1.0
+                    d = d * trust
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def linear_head(dim, num_classes):
+    """MAE's probe head: BatchNorm1d without affine (eps 1e-6), then Linear with trunc-normal(0.01) weights."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+def train_linear_probe(feats, labels, num_classes, epochs=90, batch_size=256, blr=0.1, optimizer="sgd",
+                       weight_decay=0.0, warmup_epochs=10, seed=0):
+    """Trains linear_head on cached features [M, D] with labels [M]. Returns the head in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = linear_head(feats.shape[1], num_classes)
+    lr = blr * batch_size / 256
+    if optimizer == "lars":
+        opt = LARS(head.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps_per_epoch = max(1, feats.shape[0] // batch_size)  # drop the last partial batch (BatchNorm needs > 1)
+    total, warmup = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
+    head.train()
+    step = 0
+    for _ in tqdm(range(epochs), desc="linear probe", leave=False):
+        order = torch.randperm(feats.shape[0], generator=gen)
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, warmup, lr, 0.0)
+            loss = F.cross_entropy(head(feats[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return head.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Script
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="runs/gmae/checkpoint.pt", help="checkpoint written by train.py")
+    p.add_argument("--data", default="synthetic", help="'synthetic' (labelled scenes) or a folder with train/ and val/")
+    p.add_argument("--n-synthetic", type=int, default=2048, help="synthetic training scenes (train.py's default set)")
+    p.add_argument("--n-val", type=int, default=512, help="synthetic validation scenes")
+    p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's (another size recomputes "
+                   "the fixed sin-cos position embedding)")
+    p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="feature: cls token (MAE) or mean patch token")
+    p.add_argument("--random-init", action="store_true", help="probe an untrained encoder of the checkpoint's size")
+    p.add_argument("--knn", type=int, default=20, help="k of the k-NN classifier (DINO: 20); 0 = skip")
+    p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature T (DINO: 0.07)")
+    p.add_argument("--epochs", type=int, default=90, help="linear probe epochs (MAE: 90); 0 = skip the probe")
+    p.add_argument("--warmup-epochs", type=float, default=10, help="MAE: 10")
+    p.add_argument("--batch-size", type=int, default=256, help="linear probe batch (MAE: 16384)")
+    p.add_argument("--blr", type=float, default=0.1, help="base lr; lr = blr * batch / 256 (MAE: 0.1)")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"], help="MAE: lars (at batch 16384)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="MAE: 0")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="synthetic data seed and probe initialisation")
+    p.add_argument("--out", default=None, help="JSON result (default: probe_<data>.json beside the checkpoint)")
+    args = p.parse_args(argv)
+    for name in ("n_synthetic", "n_val", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.knn < 0 or args.epochs < 0:
+        p.error(f"--knn and --epochs must be >= 0, got {args.knn} and {args.epochs}")
+    if args.knn == 0 and args.epochs == 0:
+        p.error("--knn 0 and --epochs 0 leave nothing to evaluate")
+    if args.temperature <= 0:
+        p.error(f"--temperature must be > 0, got {args.temperature}")
+    return p, args
+
+
+def default_out(args):
+    data = "synthetic" if args.data == "synthetic" else os.path.basename(os.path.normpath(args.data))
+    name = f"probe_{data}" + ("_mean" if args.pool == "mean" else "") + ("_random" if args.random_init else "")
+    return os.path.join(os.path.dirname(args.ckpt) or ".", name + ".json")
+
+
+def main(argv=None):
+    parser, args = get_args(argv)
+    device = torch.device(args.device)
+    try:
+        encoder, cfg = load_encoder(args.ckpt, img_size=args.img_size, device=device)
+        train_set = build_dataset(args.data, cfg.img_size, train=True, n_synthetic=args.n_synthetic,
+                                  seed=args.seed, augment=False)  # each image once, as the model sees it at test time
+        val_set = build_dataset(args.data, cfg.img_size, train=False, n_synthetic=args.n_val, seed=args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    if not train_set.num_classes or not val_set.num_classes:
+        parser.error(f"{args.data} has no class folders, so no labels to probe; use root/{{train,val}}/<class>/<image>")
+    if train_set.classes != val_set.classes:
+        parser.error(f"train and val classes differ: {train_set.classes} vs {val_set.classes}")
+    if args.random_init:
+        torch.manual_seed(args.seed)
+        encoder = Encoder(cfg).to(device)
+    num_classes = train_set.num_classes
+    print(f"{'random-init' if args.random_init else args.ckpt} ({cfg.decoder} decoder, {cfg.enc_dim}x{cfg.enc_depth}), "
+          f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, pool {args.pool}")
+
+    train_feats, train_labels = extract_features(encoder, train_set, args.pool, 256, args.workers, device, "train features")
+    val_feats, val_labels = extract_features(encoder, val_set, args.pool, 256, args.workers, device, "val features")
+    result = {"ckpt": args.ckpt, "random_init": args.random_init, "decoder": cfg.decoder, "data": args.data,
+              "pool": args.pool, "img_size": cfg.img_size, "num_train": len(train_set), "num_val": len(val_set)}
+    if args.epochs > 0:
+        head = train_linear_probe(train_feats, train_labels, num_classes, args.epochs, args.batch_size, args.blr,
+                                  args.optimizer, args.weight_decay, args.warmup_epochs, args.seed)
+        with torch.no_grad():
+            result["linear"] = topk_accuracy(head(val_feats), val_labels)
+        result["linear"].update(epochs=args.epochs, batch_size=args.batch_size, blr=args.blr, optimizer=args.optimizer)
+    if args.knn > 0:
+        scores = knn_scores(train_feats, train_labels, val_feats, num_classes, args.knn, args.temperature)
+        result["knn"] = {**topk_accuracy(scores, val_labels), "k": args.knn, "temperature": args.temperature}
+    for name in ("linear", "knn"):
+        if name in result:
+            r = result[name]
+            label = "linear probe" if name == "linear" else f"k-NN (k={args.knn})"
+            print(f"{label:14s} top-1 {r['top1']:.1f}" + (f"  top-5 {r['top5']:.1f}" if "top5" in r else ""))
+    out = args.out or default_out(args)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
