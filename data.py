@@ -16,6 +16,9 @@ compares renders with [0, 1] pixels (../shared/DESIGN.md 1).
        layers [H, W] id of the visible shape (0 background, higher = nearer), mask = foreground pixels,
        boundary = pixels whose layer id differs from the right or lower neighbour.
 2. ImageFolderDataset (root/<class>/<image>) and FlatFolderDataset (all images under a folder, label -1).
+   Any PIL mode is read as 8-bit RGB (to_rgb: grayscale, CMYK, palette, 16-bit scaled, transparency on
+   white). A file that cannot be decoded (missing, corrupt, truncated) gives item None and one warning;
+   make_loader's collate drops it, so a long run never stops on one bad file.
 3. Transforms on PIL images: RandomResizedCrop (torchvision's sampling), RandomHorizontalFlip, Resize,
    CenterCrop, then to_tensor. They draw random numbers from torch's global RNG, which DataLoader seeds
    per worker, exactly as torchvision does.
@@ -25,13 +28,15 @@ Shapes: B batch, H x W pixels.  dataset[i] -> (image [3, H, W] in [0, 1], label 
 Try it:  python data.py --out synthetic_grid.png      (16 scenes: image | foreground mask | boundaries)
 """
 import argparse
+import itertools
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SHAPES = ("disk", "square", "triangle", "plus", "ring")
@@ -326,13 +331,54 @@ def _no_images(where):
     return FileNotFoundError(f"no images found under {where} (looked for {', '.join(IMG_EXTENSIONS)}, any case)")
 
 
+class BrokenImageError(RuntimeError):
+    """An image file that cannot be decoded: missing, unreadable, corrupt or truncated."""
+
+
+class BrokenImageWarning(UserWarning):
+    """An image folder dataset skipped a file (one warning per file and process)."""
+
+
+_warned_paths = set()
+
+
+def to_rgb(im):
+    """Any PIL image -> 8-bit RGB. Grayscale, bilevel, CMYK, YCbCr and palette images convert directly;
+    16-bit and 32-bit integer images (modes I;16 and I, from 16-bit PNG or TIFF) whose values pass 255 are
+    scaled by 255 / 65535 instead of being clipped to white; transparency (RGBA, LA, PA, a palette with a
+    transparent colour) is composited onto white, the renderer's background."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im).astype(np.float64)
+        if arr.max() > 255:
+            arr = arr / 257.0  # 65535 -> 255
+        im = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert("RGBA"))
+    return im.convert("RGB")
+
+
 def load_rgb(path):
-    """Opens an image file as RGB; a file PIL cannot decode is an error naming the file, never skipped."""
+    """Opens an image file as 8-bit RGB (to_rgb). A file that cannot be decoded, missing or cut short
+    included, raises BrokenImageError naming it; the folder datasets below skip such files."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            im.load()  # decode now: a truncated file fails here, not later in a transform
+            return to_rgb(im)
     except Exception as e:  # PIL raises OSError, SyntaxError or ValueError depending on the damage
-        raise RuntimeError(f"could not read image {path}: {e}. Replace or delete the file.") from e
+        raise BrokenImageError(f"could not read image {path}: {e}. Replace or delete the file.") from e
+
+
+def load_or_skip(path):
+    """load_rgb, or None with one BrokenImageWarning per file (and process) when the file is broken.
+    A long run never stops on one bad file; train.py counts the skips per epoch."""
+    try:
+        return load_rgb(path)
+    except BrokenImageError as e:
+        if path not in _warned_paths:
+            _warned_paths.add(path)
+            warnings.warn(f"skipping it: {e}", BrokenImageWarning, stacklevel=2)
+        return None
 
 
 class ImageFolderDataset(Dataset):
@@ -357,7 +403,8 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return _apply(self.transform, load_rgb(path)), label
+        img = load_or_skip(path)
+        return None if img is None else (_apply(self.transform, img), label)  # None: see collate_skip_broken
 
 
 class FlatFolderDataset(Dataset):
@@ -375,7 +422,8 @@ class FlatFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        return _apply(self.transform, load_rgb(self.samples[i])), -1
+        img = load_or_skip(self.samples[i])
+        return None if img is None else (_apply(self.transform, img), -1)
 
 
 def build_dataset(data, img_size, train=True, n_synthetic=None, seed=0, augment=None):
@@ -400,6 +448,42 @@ def build_dataset(data, img_size, train=True, n_synthetic=None, seed=0, augment=
     _check_dir(root)
     loose = any(_is_image(f) for f in os.listdir(root))
     return FlatFolderDataset(root, transform) if loose else ImageFolderDataset(root, transform)
+
+
+# ----------------------------------------------------------------------------- loaders: shards, resume, skips
+
+class ResumableSampler(DistributedSampler):
+    """This process's share of a random permutation that depends only on (seed, epoch): torch's
+    DistributedSampler, so rank r of W reads items perm[r], perm[r + W], ... and the W shards of one step
+    together hold the items a single process with a W times larger batch would read.
+    set_epoch(epoch, start) also skips the first `start` items of the share, to resume mid-epoch exactly."""
+
+    def set_epoch(self, epoch, start=0):
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), getattr(self, "start", 0), None)
+
+    def __len__(self):
+        return self.num_samples - getattr(self, "start", 0)
+
+
+def collate_skip_broken(batch):
+    """default_collate over the items that loaded: broken image files (None, see load_or_skip) are dropped,
+    so a batch can come out smaller than the batch size; None when no item in it loaded."""
+    good = [item for item in batch if item is not None]
+    return default_collate(good) if good else None
+
+
+def make_loader(dataset, batch_size, rank=0, world_size=1, seed=0, shuffle=True, workers=0, pin_memory=False):
+    """(DataLoader, ResumableSampler) reading this process's shard of `dataset`, batch_size items per step
+    per process, incomplete last batches dropped. Call sampler.set_epoch(epoch) before every epoch.
+    Single-process runs (world_size 1) use the same sampler, so their order depends on (seed, epoch) only."""
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=pin_memory, collate_fn=collate_skip_broken)
+    return loader, sampler
 
 
 # ----------------------------------------------------------------------------- a picture of the synthetic data

@@ -24,9 +24,12 @@ Used by train.py (pretraining), probe.py / finetune.py (encoder features) and ze
 """
 import math
 import os
+import random
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -258,12 +261,21 @@ class Encoder(nn.Module):
 # Decoders: Gaussians (GMAE) and pixels (MAE)
 
 
+RAW_LIMIT = 1e4  # raw outputs are clamped to +-RAW_LIMIT: every activation below is flat (saturated) there
+
+
 def gaussian_activation(raw, scale_max=1.0):
     """Raw decoder outputs [..., 14] -> valid Gaussians [..., 14] (DESIGN.md 1; paper Sec. 4.1).
 
     xyz = tanh (in [-1,1]^3), scale = c sigmoid in world units (largest std c W/16 px at z = 0 under the
     camera of splat.project), quaternion normalised (w, x, y, z), rgb and opacity sigmoid (in [0,1]).
+
+    Any raw input gives finite, valid Gaussians, so the renderer never sees NaN (tests/test_fuzz.py): NaN
+    becomes 0 and +-inf becomes +-RAW_LIMIT (nan_to_num passes no gradient to those entries), and an all-zero
+    quaternion normalises to 0, which quat_to_rotmat reads as the identity. A diverging run is still caught:
+    its NaN weights give a NaN gradient norm, which train.py reports.
     """
+    raw = torch.nan_to_num(raw, nan=0.0, posinf=RAW_LIMIT, neginf=-RAW_LIMIT).clamp(-RAW_LIMIT, RAW_LIMIT)
     xyz = torch.tanh(raw[..., 0:3])
     scale = scale_max * torch.sigmoid(raw[..., 3:6])
     quat = F.normalize(raw[..., 6:10], dim=-1, eps=1e-8)
@@ -377,7 +389,8 @@ class GMAE(nn.Module):
             raise ValueError("this model has a pixel decoder (MAE); it predicts no Gaussians")
         self.check_input(imgs)
         latents, mask, _, ids_keep = self.encoder(normalize(imgs), mask_ratio, generator)
-        return gaussian_activation(self.decoder(latents, ids_keep), self.cfg.scale_max), mask
+        raw = self.decoder(latents, ids_keep).float()  # [B, K, 14]; float32 even under --amp autocast
+        return gaussian_activation(raw, self.cfg.scale_max), mask
 
     def forward(self, imgs, mask_ratio=None, backend="auto", generator=None):
         """imgs [B, 3, H, W] in [0, 1] -> dict(loss, pred [B, 3, H, W], mask [B, N], gaussians [B, K, 14] | None)."""
@@ -391,7 +404,7 @@ class GMAE(nn.Module):
             self.check_input(imgs)
             latents, mask, ids_restore, _ = self.encoder(normalize(imgs), mask_ratio, generator)
             gaussians = None
-            pred = unpatchify(self.decoder(latents, ids_restore), cfg.patch_size, H, W)
+            pred = unpatchify(self.decoder(latents, ids_restore).float(), cfg.patch_size, H, W)  # loss in fp32
         loss = reconstruction_loss(pred, imgs, mask, cfg.patch_size, cfg.loss_on, cfg.norm_pix)
         return {"loss": loss, "pred": pred, "mask": mask, "gaussians": gaussians}
 
@@ -400,14 +413,21 @@ class GMAE(nn.Module):
 # Checkpoints (written by train.py, read by every later stage)
 
 
-def save_checkpoint(path, model, optimizer, cfg, epoch, step):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
+class CheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be used: truncated, not a torch file, or not GMAE's."""
+
+
+def save_checkpoint(path, model, optimizer, cfg, epoch, step, extra=None):
+    """Write {model, optimizer, config, epoch, step} plus the entries of `extra` (train.py adds the position
+    in the epoch, the GradScaler and the RNG states) atomically: to path.tmp, flushed to disk, then renamed
+    over path. A crash, SIGKILL or full disk mid-write leaves the previous checkpoint as it was."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
+             "epoch": epoch, "step": step, **(extra or {})}
     tmp = path + ".tmp"
-    torch.save(
-        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
-         "epoch": epoch, "step": step},
-        tmp,
-    )
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -415,7 +435,12 @@ def read_checkpoint(path, device="cpu"):
     """The checkpoint dict with its config as a GMAEConfig; a clear error when there is none."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}: make one with `python train.py --out {os.path.dirname(path) or '.'}`")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    try:  # weights_only: tensors, numbers, strings and containers only; a foreign pickle runs no code
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # zip, pickle and EOF errors, depending on where the file was cut
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path} cannot be read as a checkpoint (truncated, or not written by torch.save): "
+                              f"{type(e).__name__}: {reason}. Delete it, or resume from an older copy") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint written by train.py or finetune.py (no 'model' and 'config')")
     names = {f.name for f in fields(GMAEConfig)}
@@ -430,6 +455,88 @@ def load_checkpoint(path, device="cpu"):
     model = GMAE(cfg).to(device)
     model.load_state_dict(ckpt["model"])
     return model, ckpt
+
+
+def rng_states():
+    """Every RNG a training step can draw from (torch CPU, the current CUDA device, numpy, python), as plain
+    tensors and tuples so that read_checkpoint's weights_only loading accepts them. For exact resume."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos,
+              has_gauss, cached), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states):
+    """Restore what rng_states() returned."""
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed training, shared by train.py, probe.py and finetune.py (PyTorch DDP launched by torchrun)
+#
+# `torchrun --nproc_per_node N script.py` starts N copies of a script and describes the job in environment
+# variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Each copy joins one process group,
+# wraps its model in DistributedDataParallel (which averages gradients over the copies in backward) and
+# reads its own share of every batch (data.make_loader). Plain `python script.py` has no WORLD_SIZE: no
+# process group is made and every helper below is a no-op.
+
+
+def init_distributed(device):
+    """Join torchrun's process group if there is one. Returns (rank, world_size, device): nccl and GPU
+    LOCAL_RANK on CUDA, gloo on CPU; (0, 1, device) for a plain single-process run."""
+    device = torch.device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.barrier()  # no copy leaves while another still writes or reduces
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model, device):
+    """DistributedDataParallel(model) inside a process group, else model unchanged."""
+    if not dist.is_initialized():
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model):
+    """The plain module inside DDP: what checkpoints, evaluation and PNGs use."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of numbers over all processes (one all-reduce); the list itself when single-process."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every process; [obj] when single-process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
