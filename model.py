@@ -441,10 +441,13 @@ def read_checkpoint(path, device="cpu"):
         reason = (str(e).strip().splitlines() or [""])[0][:160]
         raise CheckpointError(f"{path} cannot be read as a checkpoint (truncated, or not written by torch.save): "
                               f"{type(e).__name__}: {reason}. Delete it, or resume from an older copy") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint written by train.py or finetune.py (no 'model' and 'config')")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py or finetune.py (no 'model' and 'config')")
     names = {f.name for f in fields(GMAEConfig)}
-    ckpt["config"] = GMAEConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
+    try:
+        ckpt["config"] = GMAEConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} holds an invalid config: {e}") from None
     return ckpt
 
 
