@@ -410,6 +410,60 @@ class GMAE(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Evaluation of a pretrained model: reconstruction quality and the state of the learned depths
+
+
+def _psnr(sq_err_sum, count):
+    return 10 * math.log10(count / max(sq_err_sum, 1e-12))  # images in [0, 1]: peak 1
+
+
+@torch.no_grad()
+def reconstruction_metrics(model, imgs, backend="auto", batch_size=64, seed=0):
+    """Reconstruction and depth statistics of `model` on images [B, 3, H, W] in [0, 1] (no gradient).
+
+    psnr_masked: PSNR over the pixels of the masked patches at the model's mask ratio (the loss region; what
+                 the paper's PSNR compares), one fixed mask per image (seeded) so runs are comparable.
+    psnr_full:   PSNR of the whole image through the model at mask 0 (the zero-shot setting).
+    loss:        the training loss at the model's mask ratio.
+    For a Gaussian decoder, at mask 0 (z in [-1, 1]; DESIGN.md 2):
+    z_mean, z_std (the per-image standard deviation of z, averaged over images; 0 = one depth for all),
+    z_saturated (share of Gaussians with |z| > 0.99, where tanh's gradient has died) and
+    corr_scale_z (Pearson correlation over all Gaussians of mean scale and z; the paper's Fig. 10 trend,
+    larger Gaussians nearer, is negative).
+    PSNRs pool the squared error over all pixels first (10 log10(1 / MSE)), not an average of per-image PSNRs.
+    """
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(imgs.device).manual_seed(seed)
+    sums = dict(masked_err=0.0, masked_n=0.0, full_err=0.0, full_n=0.0, loss=0.0)
+    zs, scales = [], []
+    p = model.cfg.patch_size
+    for i in range(0, imgs.shape[0], batch_size):
+        x = imgs[i : i + batch_size]
+        out = model(x, backend=backend, generator=gen)
+        err = ((patchify(out["pred"].clamp(0, 1), p) - patchify(x, p)) ** 2).sum(-1)  # [b, N]
+        sums["masked_err"] += (err * out["mask"]).sum().item()
+        sums["masked_n"] += out["mask"].sum().item() * p * p * 3
+        sums["loss"] += out["loss"].item() * x.shape[0]
+        full = model(x, mask_ratio=0.0, backend=backend)
+        sums["full_err"] += ((full["pred"].clamp(0, 1) - x) ** 2).sum().item()
+        sums["full_n"] += x.numel()
+        if full["gaussians"] is not None:
+            zs.append(full["gaussians"][..., 2])  # [b, K]
+            scales.append(full["gaussians"][..., 3:6].mean(-1))  # [b, K]
+    model.train(was_training)
+    metrics = {"loss": sums["loss"] / imgs.shape[0], "psnr_masked": _psnr(sums["masked_err"], sums["masked_n"]),
+               "psnr_full": _psnr(sums["full_err"], sums["full_n"])}
+    if zs:
+        z, s = torch.cat(zs), torch.cat(scales)  # [B, K]
+        zc, sc = z - z.mean(), s - s.mean()
+        corr = (zc * sc).sum() / ((zc * zc).sum().sqrt() * (sc * sc).sum().sqrt()).clamp_min(1e-12)
+        metrics.update(z_mean=z.mean().item(), z_std=z.std(dim=1).mean().item() if z.shape[1] > 1 else 0.0,
+                       z_saturated=(z.abs() > 0.99).float().mean().item(), corr_scale_z=corr.item())
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Checkpoints (written by train.py, read by every later stage)
 
 

@@ -12,9 +12,14 @@ Recipe (MAE, He et al. 2022, Sec. A.1; GMAE Table 5):
     lr = blr * batch / 256, linear warmup per iteration, then cosine to --min-lr
     gradient clipping at --clip-grad; a loss that is not finite stops the run and names the step
 
+After every epoch, on --val-size validation images (model.reconstruction_metrics): val loss, PSNR over the
+masked pixels (the loss region), PSNR of the whole image at mask 0, and the depth statistics of the
+Gaussians (per-image std of z, share saturated at |z| > 0.99, correlation of scale and z).
+
 Writes to --out: checkpoint.pt (model, optimizer, config, epoch; written atomically), log.jsonl (one line
 per epoch) and recon_epochNNN.png, rows: input / masked input / reconstruction / the reconstruction's masked
-patches pasted into the input. --resume continues from checkpoint.pt.
+patches pasted into the input / reconstruction at mask 0 / the Gaussians coloured by depth (near = bright).
+--resume continues from checkpoint.pt.
 """
 import argparse
 import json
@@ -30,7 +35,8 @@ from tqdm import tqdm
 
 import splat
 from data import build_dataset
-from model import GMAE, GMAEConfig, patchify, read_checkpoint, save_checkpoint, unpatchify
+from model import (GMAE, GMAEConfig, lr_at, param_groups, patchify, read_checkpoint, reconstruction_metrics,
+                   save_checkpoint, unpatchify)
 
 # Model sizes: (enc_dim, enc_depth, enc_heads, dec_dim, dec_depth, dec_heads). "base" is the paper's ViT-B
 # with MAE's 512-wide, 8-deep decoder; "tiny" is the laptop default.
@@ -39,7 +45,6 @@ MODEL_SIZES = {
     "small": (384, 12, 6, 256, 4, 8),
     "base": (768, 12, 12, 512, 8, 16),
 }
-NO_DECAY = ("cls_token", "pos_embed", "queries", "mask_token")
 
 
 def get_args(argv=None):
@@ -72,6 +77,7 @@ def get_args(argv=None):
     p.add_argument("--out", default="runs/gmae", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (for tests)")
+    p.add_argument("--val-size", type=int, default=256, help="validation images scored after every epoch")
     return p.parse_args(argv)
 
 
@@ -83,24 +89,6 @@ def config_from_args(args):
         num_gaussians=args.gaussians, scale_max=args.scale_max, decoder=args.decoder, loss_on=args.loss_on,
         norm_pix=args.norm_pix,
     )
-
-
-def param_groups(model, weight_decay):
-    """No weight decay on biases, norms (1-D tensors) and tokens / position embeddings (MAE)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.split(".")[-1] in NO_DECAY else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step, total_steps, warmup_steps, lr, min_lr):
-    """Linear warmup then half-cycle cosine, per iteration (MAE util/lr_sched.py)."""
-    if step < warmup_steps:
-        return lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def paste_patches(imgs, fill, mask, p):
@@ -117,20 +105,35 @@ def save_grid(path, rows, scale=4):
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
+def depth_render(gaussians, H, W, backend):
+    """Each Gaussian painted with its depth as grey (near z = -1 white, far z = +1 dark) on black."""
+    g = gaussians.clone()
+    g[..., 10:13] = ((1 - g[..., 2:3]) / 2).expand(-1, -1, 3)
+    return splat.render(g, H, W, background=0.0, backend=backend)
+
+
 @torch.no_grad()
-def evaluate(model, imgs, backend, seed=0):
-    """Loss and PSNR on a fixed batch with a fixed mask, so epochs are comparable."""
+def save_epoch_grid(path, model, imgs, backend, patch_size, seed=0):
+    """Rows: input / masked input / reconstruction / masked patches pasted into the input / reconstruction
+    at mask 0 / (GMAE) the mask-0 Gaussians coloured by depth, near = bright: layering appearing in training."""
     model.eval()
     out = model(imgs, backend=backend, generator=torch.Generator(imgs.device).manual_seed(seed))
+    full = model(imgs, mask_ratio=0.0, backend=backend)
     model.train()
-    return out, out["loss"].item(), splat.psnr(out["pred"].clamp(0, 1), imgs)
+    mask, pred = out["mask"], out["pred"]
+    rows = [imgs, paste_patches(imgs, torch.full_like(imgs, 0.5), mask, patch_size), pred,
+            paste_patches(imgs, pred, mask, patch_size), full["pred"]]
+    if full["gaussians"] is not None:
+        rows.append(depth_render(full["gaussians"], imgs.shape[2], imgs.shape[3], backend))
+    save_grid(path, rows)
 
 
 def main(argv=None):
     args = get_args(argv)
     cfg = config_from_args(args)  # validates --gaussians, --mask, --img-size / --patch
-    if args.epochs < 1 or args.batch_size < 1:
-        raise SystemExit(f"--epochs and --batch-size must be >= 1, got {args.epochs} and {args.batch_size}")
+    if args.epochs < 1 or args.batch_size < 1 or args.val_size < 1:
+        raise SystemExit(f"--epochs, --batch-size and --val-size must be >= 1, got {args.epochs}, "
+                         f"{args.batch_size} and {args.val_size}")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -139,14 +142,14 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
 
     train_set = build_dataset(args.data, args.img_size, train=True, n_synthetic=args.n_synthetic, seed=args.seed)
-    val_set = build_dataset(args.data, args.img_size, train=False, n_synthetic=64, seed=args.seed)
+    val_set = build_dataset(args.data, args.img_size, train=False, n_synthetic=args.val_size, seed=args.seed)
     if len(train_set) < args.batch_size:
         raise SystemExit(f"the dataset has {len(train_set)} images, fewer than --batch-size {args.batch_size}")
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
         persistent_workers=args.workers > 0, pin_memory=device.type == "cuda",
     )
-    val_imgs = torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]).to(device)
+    val_imgs = torch.stack([val_set[i][0] for i in range(min(args.val_size, len(val_set)))]).to(device)
 
     model = GMAE(cfg).to(device)
     lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
@@ -168,6 +171,7 @@ def main(argv=None):
     print(f"{cfg.decoder} decoder, {n_params / 1e6:.2f}M parameters, {len(train_set)} images, "
           f"{steps_per_epoch} steps/epoch, lr {lr:.2e}, device {device}, splat {args.splat}")
 
+    t_start = time.time()
     for epoch in range(start_epoch, args.epochs):
         model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
@@ -193,16 +197,16 @@ def main(argv=None):
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.time() - t0):.0f}")
         if seen == 0:
             break
-        out, val_loss, val_psnr = evaluate(model, val_imgs, args.splat)
-        record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen, "val_loss": val_loss,
-                  "val_psnr": val_psnr, "img_per_s": seen / (time.time() - t0)}
+        img_per_s = seen / (time.time() - t0)
+        val = reconstruction_metrics(model, val_imgs, args.splat)
+        record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen,
+                  **{f"val_{k}" if k == "loss" else k: v for k, v in val.items()},
+                  "img_per_s": img_per_s, "time_s": time.time() - t_start}
         print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-        grey, mask, pred = torch.full_like(val_imgs, 0.5), out["mask"], out["pred"]
-        save_grid(os.path.join(args.out, f"recon_epoch{epoch + 1:03d}.png"),
-                  [val_imgs, paste_patches(val_imgs, grey, mask, cfg.patch_size), pred,
-                   paste_patches(val_imgs, pred, mask, cfg.patch_size)])
+        save_epoch_grid(os.path.join(args.out, f"recon_epoch{epoch + 1:03d}.png"), model, val_imgs[:8],
+                        args.splat, cfg.patch_size)
         save_checkpoint(ckpt_path, model, optimizer, cfg, epoch, step)
     print(f"done: {ckpt_path}")
     return model
