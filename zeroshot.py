@@ -818,7 +818,7 @@ def main(argv=None):
     if not (args.command == "eval-edges" and (args.pred or args.gt)):
         try:
             net, _ = M.load_checkpoint(args.ckpt)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:  # missing, or model.CheckpointError (a ValueError)
             parser.error(str(e))
         if net.cfg.decoder != "gaussians":
             parser.error(f"{args.ckpt} is a pixel-decoder (MAE) checkpoint; zero-shot readings need GMAE's Gaussians")
