@@ -1,0 +1,98 @@
+"""finetune.py: layer-decay multipliers, mixup / cutmix soft labels, and a short run that beats chance."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import finetune
+import model as M
+
+COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 40)]  # 4 easy classes
+
+
+def small_config(**kw):
+    base = dict(img_size=16, patch_size=4, enc_dim=32, enc_depth=2, enc_heads=2, dec_dim=32, dec_depth=1,
+                dec_heads=2, num_gaussians=8)
+    return M.GMAEConfig(**{**base, **kw})
+
+
+def colour_folder(root, n_train=32, n_val=8, size=16):
+    """root/{train,val}/<class>/<i>.png: noisy flat images of one colour per class."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, colour in enumerate(COLOURS):
+            os.makedirs(root / split / f"c{c}", exist_ok=True)
+            for i in range(n):
+                img = np.clip(np.array(colour) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / split / f"c{c}" / f"{i}.png")
+    return str(root)
+
+
+def test_layer_decay_groups_get_the_documented_multipliers():
+    clf = finetune.Classifier(M.Encoder(small_config()), 32, 4)  # depth 2: layers 0 (embeddings), 1, 2, 3 (head)
+    groups = finetune.layer_decay_groups(clf, weight_decay=0.05, layer_decay=0.5, depth=2)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    wd = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert scale["encoder.patch_embed.proj.weight"] == scale["encoder.cls_token"] == 0.125  # 0.5^3
+    assert scale["encoder.blocks.0.attn.qkv.weight"] == 0.25 and scale["encoder.blocks.1.mlp.fc2.bias"] == 0.5
+    assert scale["encoder.norm.weight"] == scale["head.weight"] == 1.0
+    assert wd["encoder.blocks.0.attn.qkv.weight"] == 0.05 and wd["encoder.blocks.0.attn.qkv.bias"] == 0.0
+    assert wd["encoder.cls_token"] == 0.0 and wd["head.weight"] == 0.05
+    assert "encoder.pos_embed" not in scale  # fixed sin-cos, never trained
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in clf.parameters())
+
+
+def test_label_smoothing_puts_the_documented_mass_on_each_class():
+    y = finetune.smooth_one_hot(torch.tensor([2, 0]), 10, 0.1)
+    assert y[0, 2] == pytest.approx(0.91) and y[0, 0] == pytest.approx(0.01) and y[1, 0] == pytest.approx(0.91)
+    assert torch.allclose(y.sum(dim=1), torch.ones(2))
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mixup_and_cutmix_give_soft_labels_that_sum_to_one_and_match_the_pixels(mixup, cutmix):
+    torch.manual_seed(0)
+    imgs = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 16, 16)  # image i is the constant i
+    labels = torch.arange(8)
+    for _ in range(5):
+        mixed, targets = finetune.mix_batch(imgs, labels, 8, mixup, cutmix, smoothing=0.0)
+        assert torch.allclose(targets.sum(dim=1), torch.ones(8))
+        lam = targets[0, 0].item()  # image 0 mixed with image 7
+        assert targets[0, 7].item() == pytest.approx(1 - lam, abs=1e-6)
+        # the share of image 0 in the mixed pixels is lam: mean pixel = lam * 0 + (1 - lam) * 7, exactly
+        assert mixed[0].mean().item() == pytest.approx(7 * (1 - lam), abs=1e-5)
+    _, smoothed = finetune.mix_batch(imgs, labels, 8, mixup, cutmix, smoothing=0.1)
+    assert torch.allclose(smoothed.sum(dim=1), torch.ones(8)) and smoothed.min() >= 0.1 / 8 - 1e-6
+
+
+def test_finetune_beats_chance_and_keeps_best_and_last(tmp_path):
+    data = colour_folder(tmp_path / "colours")
+    cfg = small_config(decoder="pixels")
+    torch.manual_seed(0)
+    model = M.GMAE(cfg)
+    M.save_checkpoint(str(tmp_path / "checkpoint.pt"), model, torch.optim.AdamW(model.parameters()), cfg, 0, 0)
+    args = ["--ckpt", str(tmp_path / "checkpoint.pt"), "--data", data, "--epochs", "3", "--batch-size", "16",
+            "--blr", "2e-2", "--warmup-epochs", "0.5", "--mixup", "0", "--cutmix", "0"]
+    result = finetune.main(args)  # 3 epochs x 8 steps
+    assert result["best"]["top1"] >= 75.0  # chance: 25
+    out = tmp_path / "finetune"
+    for name in ("finetune_best.pt", "finetune_last.pt", "finetune.json"):
+        assert os.path.isfile(out / name)
+    with open(out / "finetune.json") as f:
+        assert json.load(f)["best"]["top1"] == result["best"]["top1"]
+    enc, _ = M.load_encoder(str(out / "finetune_best.pt"))  # a fine-tuned encoder reads back for probing
+    assert not torch.equal(enc.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
+
+    scratch = finetune.main(args + ["--from-scratch", "--epochs", "1"])
+    assert scratch["from_scratch"] and os.path.isfile(tmp_path / "finetune_scratch" / "finetune_last.pt")
+
+
+def test_bad_flags_stop_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        finetune.main(["--layer-decay", "1.5"])
+    assert "--layer-decay must be in (0, 1], got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        finetune.main(["--ckpt", str(tmp_path / "none.pt")])
+    assert "make one with `python train.py" in capsys.readouterr().err

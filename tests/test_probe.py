@@ -1,0 +1,125 @@
+"""probe.py and model.load_encoder: k-NN and top-k by hand, the linear probe, checkpoints of either decoder,
+other image / patch sizes, and the whole script beating chance on an easy labelled folder."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model as M
+import probe
+
+COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 40)]  # 4 easy classes
+
+
+def small_config(**kw):
+    base = dict(img_size=16, patch_size=4, enc_dim=32, enc_depth=2, enc_heads=2, dec_dim=32, dec_depth=1,
+                dec_heads=2, num_gaussians=8)
+    return M.GMAEConfig(**{**base, **kw})
+
+
+def save_ckpt(path, cfg, seed=0):
+    torch.manual_seed(seed)
+    model = M.GMAE(cfg)
+    M.save_checkpoint(str(path), model, torch.optim.AdamW(model.parameters()), cfg, 0, 0)
+    return model
+
+
+def colour_folder(root, n_train=16, n_val=8, size=16):
+    """root/{train,val}/<class>/<i>.png: noisy flat images of one colour per class."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, colour in enumerate(COLOURS):
+            os.makedirs(root / split / f"c{c}", exist_ok=True)
+            for i in range(n):
+                img = np.clip(np.array(colour) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / split / f"c{c}" / f"{i}.png")
+    return str(root)
+
+
+def test_knn_on_hand_made_features_gives_the_known_answer():
+    train = torch.tensor([[1.0, 0.0], [2.0, 0.2], [0.0, 1.0], [0.0, 3.0], [-1.0, 0.0]])  # norms do not matter
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    test = torch.tensor([[1.0, 0.1], [0.1, 1.0], [-1.0, 0.05]])
+    scores = probe.knn_scores(train, labels, test, num_classes=3, k=3, temperature=0.07)
+    # first query: neighbours are train 1 (class 0), train 0 (class 0) and train 2 (class 1)
+    q = torch.nn.functional.normalize(test[0], dim=0)
+    cos = torch.nn.functional.normalize(train, dim=1) @ q
+    expected = torch.tensor([math.exp(cos[0] / 0.07) + math.exp(cos[1] / 0.07), math.exp(cos[2] / 0.07), 0.0])
+    assert torch.allclose(scores[0], expected, rtol=1e-5)
+    assert scores.argmax(dim=1).tolist() == [0, 1, 2]
+    assert probe.topk_accuracy(scores, torch.tensor([0, 1, 1]))["top1"] == pytest.approx(200 / 3)
+
+
+def test_topk_accuracy_counts_hits_and_skips_a_trivial_top5():
+    scores = torch.tensor([[0.1, 0.5, 0.2, 0.0, -0.1, -0.2, 0.3], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]])
+    acc = probe.topk_accuracy(scores, torch.tensor([2, 6]))
+    assert acc["top1"] == 0.0 and acc["top5"] == 50.0  # row 0: label 2 ranks third; row 1: label 6 ranks last
+    assert probe.topk_accuracy(scores[:, :5], torch.tensor([1, 0])) == {"top1": 100.0}  # 5 classes: no top-5
+
+
+def test_lars_scales_the_step_of_a_matrix_by_its_trust_ratio():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = probe.LARS([w, b], lr=0.5, momentum=0.9, eta=0.001)
+    w.grad, b.grad = torch.tensor([[0.0, 2.0]]), torch.tensor([2.0])  # ||g|| = 2
+    opt.step()
+    assert torch.allclose(w, torch.tensor([[3.0, 4.0 - 0.5 * 0.001 * 5 / 2 * 2.0]]))  # trust 0.0025
+    assert torch.allclose(b, torch.tensor([0.0]))  # 1-D: the plain SGD step 0.5 * 2
+
+
+def test_linear_probe_separates_separable_features():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=gen) * 3
+    labels = torch.arange(500) % 5
+    feats = centres[labels] + torch.randn(500, 16, generator=gen)
+    head = probe.train_linear_probe(feats[:400], labels[:400], 5, epochs=10, batch_size=64, warmup_epochs=1)
+    assert probe.topk_accuracy(head(feats[400:]).detach(), labels[400:])["top1"] == 100.0
+    assert not any(p.requires_grad for p in head[0].parameters())  # BatchNorm without affine: no parameters
+
+
+def test_pixel_and_gaussian_checkpoints_load_into_the_same_encoder(tmp_path):
+    save_ckpt(tmp_path / "gmae.pt", small_config(decoder="gaussians"))
+    save_ckpt(tmp_path / "mae.pt", small_config(decoder="pixels"))  # same seed: the encoder is built first
+    (a, cfg_a), (b, cfg_b) = M.load_encoder(str(tmp_path / "gmae.pt")), M.load_encoder(str(tmp_path / "mae.pt"))
+    assert type(a) is type(b) is M.Encoder and cfg_a.decoder == "gaussians" and cfg_b.decoder == "pixels"
+    x = torch.rand(3, 3, 16, 16)
+    fa, fb = M.encode(a.eval(), x), M.encode(b.eval(), x)
+    assert fa.shape == (3, 32) and torch.allclose(fa, fb, atol=1e-5)  # mask 0 still shuffles token order
+
+
+def test_other_image_size_recomputes_the_sincos_embedding_and_other_patch_size_is_refused(tmp_path):
+    model = save_ckpt(tmp_path / "ckpt.pt", small_config())
+    enc, cfg = M.load_encoder(str(tmp_path / "ckpt.pt"), img_size=32)
+    assert cfg.img_size == 32 and enc.pos_embed.shape == (1, 1 + 64, 32)
+    assert torch.equal(enc.pos_embed, M.sincos_pos_embed(32, 8))
+    assert torch.equal(enc.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
+    assert M.encode(enc, torch.rand(2, 3, 32, 32)).shape == (2, 32)
+    with pytest.raises(ValueError, match="pretrained with patch size 4, not 8; .*--patch 8"):
+        M.load_encoder(str(tmp_path / "ckpt.pt"), patch_size=8)
+    with pytest.raises(ValueError, match="image size 18 is not divisible by the checkpoint's patch size 4"):
+        M.load_encoder(str(tmp_path / "ckpt.pt"), img_size=18)
+
+
+def test_missing_or_foreign_checkpoint_gives_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        probe.main(["--ckpt", str(tmp_path / "none" / "checkpoint.pt")])
+    assert "make one with `python train.py --out" in capsys.readouterr().err
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a checkpoint written by train.py"):
+        M.load_encoder(str(tmp_path / "other.pt"))
+
+
+def test_probe_script_beats_chance_on_an_easy_folder(tmp_path):
+    data = colour_folder(tmp_path / "colours")
+    save_ckpt(tmp_path / "checkpoint.pt", small_config())
+    args = ["--ckpt", str(tmp_path / "checkpoint.pt"), "--data", data, "--epochs", "20", "--warmup-epochs", "2",
+            "--batch-size", "16", "--knn", "5"]
+    result = probe.main(args)
+    assert result["linear"]["top1"] >= 90.0 and result["knn"]["top1"] >= 90.0  # chance: 25
+    assert "top5" not in result["linear"]  # 4 classes
+    with open(tmp_path / "probe_colours.json") as f:
+        assert json.load(f)["knn"]["top1"] == result["knn"]["top1"]
