@@ -57,6 +57,11 @@ class GMAEConfig:
     decoder: str = "gaussians"  # "gaussians" (GMAE) or "pixels" (MAE baseline)
     loss_on: str = "masked"  # "masked" (paper default) or "all" (paper ablation, Table 1c)
     norm_pix: bool = False  # per-patch normalised targets (MAE's trick; hurts GMAE, Table 1c)
+    # Departure from the paper (off = the paper): subtract each image's mean raw depth before tanh. The
+    # camera makes depth a size knob (footprint x 8 / (z + 8)); when all Gaussians want to be larger (or
+    # smaller), Adam moves the shared depth at full speed until tanh saturates and depth dies. Centring
+    # removes that common mode and keeps only relative depth, which is what layering reads.
+    center_depth: bool = False
 
     def __post_init__(self):
         if self.img_size <= 0 or self.patch_size <= 0:
@@ -264,7 +269,7 @@ class Encoder(nn.Module):
 RAW_LIMIT = 1e4  # raw outputs are clamped to +-RAW_LIMIT: every activation below is flat (saturated) there
 
 
-def gaussian_activation(raw, scale_max=1.0):
+def gaussian_activation(raw, scale_max=1.0, center_depth=False):
     """Raw decoder outputs [..., 14] -> valid Gaussians [..., 14] (DESIGN.md 1; paper Sec. 4.1).
 
     xyz = tanh (in [-1,1]^3), scale = c sigmoid in world units (largest std c W/16 px at z = 0 under the
@@ -276,6 +281,8 @@ def gaussian_activation(raw, scale_max=1.0):
     its NaN weights give a NaN gradient norm, which train.py reports.
     """
     raw = torch.nan_to_num(raw, nan=0.0, posinf=RAW_LIMIT, neginf=-RAW_LIMIT).clamp(-RAW_LIMIT, RAW_LIMIT)
+    if center_depth:  # raw [..., K, 14]: remove each image's mean raw depth (see GMAEConfig.center_depth)
+        raw = torch.cat([raw[..., 0:2], raw[..., 2:3] - raw[..., 2:3].mean(dim=-2, keepdim=True), raw[..., 3:]], -1)
     xyz = torch.tanh(raw[..., 0:3])
     scale = scale_max * torch.sigmoid(raw[..., 3:6])
     quat = F.normalize(raw[..., 6:10], dim=-1, eps=1e-8)
@@ -390,7 +397,7 @@ class GMAE(nn.Module):
         self.check_input(imgs)
         latents, mask, _, ids_keep = self.encoder(normalize(imgs), mask_ratio, generator)
         raw = self.decoder(latents, ids_keep).float()  # [B, K, 14]; float32 even under --amp autocast
-        return gaussian_activation(raw, self.cfg.scale_max), mask
+        return gaussian_activation(raw, self.cfg.scale_max, self.cfg.center_depth), mask
 
     def forward(self, imgs, mask_ratio=None, backend="auto", generator=None):
         """imgs [B, 3, H, W] in [0, 1] -> dict(loss, pred [B, 3, H, W], mask [B, N], gaussians [B, K, 14] | None)."""
