@@ -40,6 +40,7 @@ Commands (each takes image files and/or folders, JPEG or PNG, any size; writes O
     python zeroshot.py eval-edges --synthetic 200         the same on synthetic scenes and their boundary maps
     python zeroshot.py eval-fg [--masks DIR | --synthetic 200 [--anywhere]]   IoU, F of figure-ground vs controls
     python zeroshot.py eval-depth --synthetic 200 [--anywhere]  threshold-free: fg AUC and paint-order rank corr.
+        (and for "beyond-pos": z minus its per-image linear fit on the distance from the image centre)
 
 The evaluation needs the optional packages of requirements-eval.txt (pyedgeeval, scipy, matplotlib).
 Shapes: B images, K Gaussians, L layers, H x W pixels; Gaussians [B, K, 14] as in splat.py.
@@ -731,15 +732,28 @@ def depth_diagnostics(g, scene, size):
     return auc(near, paint == fg_id), spearman(near, paint)
 
 
+def beyond_position(g):
+    """[K, 14] -> the same Gaussians with z replaced by its residual after a least-squares fit z ~ a + b r, r the
+    centre's distance from the image centre: the part of depth that position (the centre prior) cannot explain."""
+    r = g[:, 0:2].norm(dim=-1).double()
+    A = torch.stack([torch.ones_like(r), r], dim=1)  # [K, 2]
+    z = g[:, 2].double()
+    coef = torch.linalg.lstsq(A, z[:, None]).solution  # [2, 1]
+    out = g.clone()
+    out[:, 2] = (z - (A @ coef)[:, 0]).to(g.dtype)
+    return out
+
+
 def cmd_eval_depth(net, args, parser):
     ds = synthetic_scenes(args.synthetic, args.size, args.anywhere)
-    diag = {m: [] for m in DEPTH_MODES}
+    diag = {m: [] for m in DEPTH_MODES + ("beyond-pos",)}
     for i in range(len(ds)):
         sc = ds.scene(i)
         g, _ = image_gaussians(net, sc["image"][None])
         for m in DEPTH_MODES:
             gm = control_depth(g, m, torch.Generator().manual_seed(args.seed + i))[0]
             diag[m].append(depth_diagnostics(gm, sc, args.size))
+        diag["beyond-pos"].append(depth_diagnostics(beyond_position(g[0]), sc, args.size))
     results = {m: {"fg_AUC": float(np.nanmean([d[0] for d in v])), "rank_corr": float(np.nanmean([d[1] for d in v]))}
                for m, v in diag.items()}
     where = f"synthetic{'_anywhere' if args.anywhere else ''}"

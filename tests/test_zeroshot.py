@@ -117,6 +117,15 @@ def test_depth_controls():
     assert r[0, :, 2].tolist() == pytest.approx([1.0, -1.0, 1 - math.sqrt(2)], abs=1e-6)  # centre far, corner near
 
 
+def test_depth_beyond_position_removes_a_radial_pattern():
+    g = torch.stack([gaussian(x, y, 0.0, 1.0) for x, y in [(0, 0), (0.5, 0), (0, -0.7), (0.9, 0.9), (-0.3, 0.2)]]).float()
+    radial = Z.control_depth(g[None], "radial")[0]
+    assert Z.beyond_position(radial)[:, 2].abs().max() < 1e-5  # depth that is a linear function of r: nothing left
+    bumped = radial.clone()
+    bumped[2, 2] += 0.5
+    assert Z.beyond_position(bumped)[:, 2].argmax() == 2  # the one Gaussian off the pattern stands out
+
+
 def test_sobel_marks_a_step_and_the_ellipse_prior_has_its_area():
     img = torch.zeros(1, 3, 10, 12)
     img[..., 6:] = 1.0
@@ -227,7 +236,7 @@ def test_eval_fg_and_depth_on_synthetic_scenes(ckpt, tmp_path):
     assert set(fg) == {"learned", "permuted", "radial", "all", "ellipse"}
     assert all(0 <= v["IoU"] <= 1 and 0 <= v["F"] <= 1 for v in fg.values())
     depth = json.load(open(tmp_path / "depth_synthetic.json"))
-    assert set(depth) == {"learned", "permuted", "radial"}
+    assert set(depth) == {"learned", "permuted", "radial", "beyond-pos"}
     assert all(0 <= v["fg_AUC"] <= 1 and -1 <= v["rank_corr"] <= 1 for v in depth.values())
 
 
