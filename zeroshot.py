@@ -723,13 +723,14 @@ def depth_diagnostics(g, scene, size):
     """Per image, threshold-free (one [K, 14] set of Gaussians and its synthetic scene):
     AUC with which nearness (-z) ranks the Gaussians centred on the foreground above the rest (0.5 = no
     information, < 0.5 = the object sits behind), and the Spearman correlation of nearness with the true paint
-    order (the layer id under each centre; higher = painted later = nearer)."""
+    order (the layer id under each centre; higher = painted later = nearer). Also the Spearman correlation of z with
+    the mean scale (paper Fig. 10: larger Gaussians nearer, so negative)."""
     u = ((g[:, 0] + 1) * size / 2).long().clamp(0, size - 1)
     v = ((g[:, 1] + 1) * size / 2).long().clamp(0, size - 1)
     paint = scene["layers"][v, u].numpy()
     fg_id = scene["layers"][scene["mask"]].max().item() if scene["mask"].any() else -1
     near = -g[:, 2].numpy()
-    return auc(near, paint == fg_id), spearman(near, paint)
+    return auc(near, paint == fg_id), spearman(near, paint), spearman(g[:, 2].numpy(), g[:, 3:6].mean(1).numpy())
 
 
 def beyond_position(g):
@@ -754,11 +755,11 @@ def cmd_eval_depth(net, args, parser):
             gm = control_depth(g, m, torch.Generator().manual_seed(args.seed + i))[0]
             diag[m].append(depth_diagnostics(gm, sc, args.size))
         diag["beyond-pos"].append(depth_diagnostics(beyond_position(g[0]), sc, args.size))
-    results = {m: {"fg_AUC": float(np.nanmean([d[0] for d in v])), "rank_corr": float(np.nanmean([d[1] for d in v]))}
-               for m, v in diag.items()}
+    results = {m: {"fg_AUC": float(np.nanmean([d[0] for d in v])), "rank_corr": float(np.nanmean([d[1] for d in v])),
+                   "scale_z": float(np.nanmean([d[2] for d in v]))} for m, v in diag.items()}
     where = f"synthetic{'_anywhere' if args.anywhere else ''}"
     print_table(f"depth diagnostics on {where}, {len(ds)} scenes (fg AUC: 0.5 = none, < 0.5 = object behind)",
-                results, ["fg_AUC", "rank_corr"])
+                results, ["fg_AUC", "rank_corr", "scale_z"])
     os.makedirs(args.out, exist_ok=True)
     save_results(args.out, f"depth_{where}.json", results)
     return results
