@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import build_dataset
-from model import Encoder, GMAEConfig, encode, load_encoder, lr_at, read_checkpoint, skips_weight_decay
+from model import Encoder, GMAEConfig, encode, load_encoder, lr_at, read_checkpoint, skips_weight_decay, topk_accuracy
 
 
 class Classifier(nn.Module):
@@ -139,15 +139,8 @@ def soft_cross_entropy(logits, targets):
 def evaluate(model, loader, device):
     """Top-1 and (with more than 5 classes) top-5 accuracy in percent over the loader."""
     model.eval()
-    hits, n = {}, 0
-    for imgs, labels in loader:
-        logits = model(imgs.to(device)).cpu()  # [B, C]
-        ks = [k for k in (1, 5) if k == 1 or k < logits.shape[1]]
-        ranked = logits.topk(max(ks), dim=1).indices == labels[:, None]  # [B, k_max]
-        for k in ks:
-            hits[f"top{k}"] = hits.get(f"top{k}", 0) + ranked[:, :k].any(dim=1).sum().item()
-        n += labels.shape[0]
-    return {k: 100.0 * v / n for k, v in hits.items()}
+    logits, labels = zip(*((model(imgs.to(device)).cpu(), y) for imgs, y in loader))
+    return topk_accuracy(torch.cat(logits), torch.cat(labels))  # [V, C], [V]
 
 
 def save_classifier(path, model, cfg, num_classes, classes, epoch, metrics):

@@ -674,3 +674,11 @@ def encode(encoder, imgs, pool="cls"):
     if pool == "mean":
         return latents[:, 1:].mean(dim=1)
     raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+
+
+def topk_accuracy(scores, labels, ks=(1, 5)):
+    """Percent of rows of scores [V, C] whose true label [V] is among the k highest, for k = 1 and each k < C
+    (top-C is always 100, so it is left out)."""
+    ks = [k for k in ks if k == 1 or k < scores.shape[1]]
+    hits = scores.topk(max(ks), dim=1).indices == labels[:, None]  # [V, k_max]
+    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}

@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import build_dataset
-from model import Encoder, encode, load_encoder, lr_at
+from model import Encoder, encode, load_encoder, lr_at, topk_accuracy
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Features, accuracy
+# Features
 
 
 @torch.no_grad()
@@ -53,14 +53,6 @@ def extract_features(encoder, dataset, pool="cls", batch_size=256, workers=0, de
         feats.append(encode(encoder, imgs.to(device), pool).cpu())  # [B, D]
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
-
-
-def topk_accuracy(scores, labels, ks=(1, 5)):
-    """Percent of rows of scores [V, C] whose true label is among the k highest, for k = 1 and each k < C
-    (top-C is always 100)."""
-    ks = [k for k in ks if k == 1 or k < scores.shape[1]]
-    hits = scores.topk(max(ks), dim=1).indices == labels[:, None]  # [V, k_max]
-    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
 
 
 # ---------------------------------------------------------------------------------------------------------

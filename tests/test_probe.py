@@ -51,14 +51,14 @@ def test_knn_on_hand_made_features_gives_the_known_answer():
     expected = torch.tensor([math.exp(cos[0] / 0.07) + math.exp(cos[1] / 0.07), math.exp(cos[2] / 0.07), 0.0])
     assert torch.allclose(scores[0], expected, rtol=1e-5)
     assert scores.argmax(dim=1).tolist() == [0, 1, 2]
-    assert probe.topk_accuracy(scores, torch.tensor([0, 1, 1]))["top1"] == pytest.approx(200 / 3)
+    assert M.topk_accuracy(scores, torch.tensor([0, 1, 1]))["top1"] == pytest.approx(200 / 3)
 
 
 def test_topk_accuracy_counts_hits_and_skips_a_trivial_top5():
     scores = torch.tensor([[0.1, 0.5, 0.2, 0.0, -0.1, -0.2, 0.3], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]])
-    acc = probe.topk_accuracy(scores, torch.tensor([2, 6]))
+    acc = M.topk_accuracy(scores, torch.tensor([2, 6]))
     assert acc["top1"] == 0.0 and acc["top5"] == 50.0  # row 0: label 2 ranks third; row 1: label 6 ranks last
-    assert probe.topk_accuracy(scores[:, :5], torch.tensor([1, 0])) == {"top1": 100.0}  # 5 classes: no top-5
+    assert M.topk_accuracy(scores[:, :5], torch.tensor([1, 0])) == {"top1": 100.0}  # 5 classes: no top-5
 
 
 def test_lars_scales_the_step_of_a_matrix_by_its_trust_ratio():
@@ -77,7 +77,7 @@ def test_linear_probe_separates_separable_features():
     labels = torch.arange(500) % 5
     feats = centres[labels] + torch.randn(500, 16, generator=gen)
     head = probe.train_linear_probe(feats[:400], labels[:400], 5, epochs=10, batch_size=64, warmup_epochs=1)
-    assert probe.topk_accuracy(head(feats[400:]).detach(), labels[400:])["top1"] == 100.0
+    assert M.topk_accuracy(head(feats[400:]).detach(), labels[400:])["top1"] == 100.0
     assert not any(p.requires_grad for p in head[0].parameters())  # BatchNorm without affine: no parameters
 
 
