@@ -479,10 +479,13 @@ def collate_skip_broken(batch):
 def make_loader(dataset, batch_size, rank=0, world_size=1, seed=0, shuffle=True, workers=0, pin_memory=False):
     """(DataLoader, ResumableSampler) reading this process's shard of `dataset`, batch_size items per step
     per process, incomplete last batches dropped. Call sampler.set_epoch(epoch) before every epoch.
-    Single-process runs (world_size 1) use the same sampler, so their order depends on (seed, epoch) only."""
+    Single-process runs (world_size 1) use the same sampler, so their order depends on (seed, epoch) only.
+    The loader's own generator seeds the worker processes, so starting an epoch draws nothing from the global
+    RNG: the masks of an exactly resumed run (train.py --resume) do not shift by one draw."""
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
-                        persistent_workers=workers > 0, pin_memory=pin_memory, collate_fn=collate_skip_broken)
+                        persistent_workers=workers > 0, pin_memory=pin_memory, collate_fn=collate_skip_broken,
+                        generator=torch.Generator().manual_seed(seed + rank))
     return loader, sampler
 
 
