@@ -318,8 +318,9 @@ def pretrain(args, rank=0, world_size=1, device="cpu", preemption=None):
                 sums[0] += loss_value * imgs.shape[0]
                 sums[1] += imgs.shape[0]
                 got += 1
-            if got < args.accum_iter:
-                break  # this process's shard ran out of batches (broken files): end the epoch early
+            if got < args.accum_iter:  # this process's shard ran out (whole batches of broken files):
+                epoch_step = steps_per_epoch  # the epoch is over, a little early
+                break
             scaler.unscale_(optimizer)  # no-op unless --amp fp16
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad if args.clip_grad > 0 else math.inf)
             if not torch.isfinite(norm) and not scaler.is_enabled():  # fp16: the scaler skips such steps itself

@@ -251,3 +251,26 @@ def test_scale_flag_errors(tmp_path, flags, message):
         args = with_flag(args, flag, value) if flag in args else args + [flag, value]
     with pytest.raises(SystemExit, match=message):
         train.main(args)
+
+
+def test_whole_batches_of_broken_files_end_the_epoch_early_and_training_goes_on(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(16):
+        if i % 4 == 0:
+            Image.new("RGB", (20, 20), (60 * (i // 4), 0, 0)).save(folder / f"{i:02d}.png")
+        else:
+            (folder / f"{i:02d}.png").write_bytes(b"broken")
+    out = str(tmp_path / "run")
+    with pytest.warns(data.BrokenImageWarning):
+        train.main(with_flag(SMALL, "--batch-size", "4") + ["--data", str(folder), "--epochs", "2", "--out", out])
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [1, 2] and [r["skipped_images"] for r in log] == [12, 12]
+    # Seed 0's second epoch puts two good files in one batch, so another batch is all broken: 3 steps, not 4.
+    assert [r["step"] for r in log] == [4, 7]
+
+
+def test_next_images_skips_empty_batches_and_counts_short_ones():
+    imgs = torch.zeros(3, 3, 4, 4)
+    assert train.next_images(iter([None, None, (imgs, None)]), 4, "cpu")[1] == 4 + 4 + 1
+    assert train.next_images(iter([None]), 4, "cpu") == (None, 4)
