@@ -35,8 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import build_dataset
-from model import Encoder, GMAEConfig, encode, load_encoder, lr_at, read_checkpoint, skips_weight_decay, topk_accuracy
+from data import build_dataset, collate_skip_broken, make_loader
+from model import (Encoder, GMAEConfig, all_reduce_sum, cleanup_distributed, encode, init_distributed, load_encoder,
+                   lr_at, read_checkpoint, skips_weight_decay, topk_accuracy, wrap_ddp)
 
 
 class Classifier(nn.Module):
@@ -139,7 +140,7 @@ def soft_cross_entropy(logits, targets):
 def evaluate(model, loader, device):
     """Top-1 and (with more than 5 classes) top-5 accuracy in percent over the loader."""
     model.eval()
-    logits, labels = zip(*((model(imgs.to(device)).cpu(), y) for imgs, y in loader))
+    logits, labels = zip(*((model(imgs.to(device)).cpu(), y) for imgs, y in filter(None, loader)))  # None: unreadable
     return topk_accuracy(torch.cat(logits), torch.cat(labels))  # [V, C], [V]
 
 
@@ -201,9 +202,18 @@ def build_encoder(args):
 
 
 def main(argv=None):
+    """One process, or DistributedDataParallel under torchrun (as train.py; lr from the global batch)."""
     parser, args = get_args(argv)
+    rank, world_size, device = init_distributed(args.device)
+    try:
+        return finetune(parser, args, rank, world_size, device)
+    finally:
+        cleanup_distributed()
+
+
+def finetune(parser, args, rank=0, world_size=1, device="cpu"):
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = torch.device(device)
     try:
         encoder, cfg = build_encoder(args)
         train_set = build_dataset(args.data, cfg.img_size, train=True, n_synthetic=args.n_synthetic, seed=args.seed)
@@ -212,33 +222,43 @@ def main(argv=None):
         parser.error(str(e))
     if not train_set.num_classes or train_set.classes != val_set.classes:
         parser.error(f"{args.data} needs the same class folders in train/ and val/ (root/{{train,val}}/<class>/<image>)")
-    if len(train_set) < args.batch_size:
-        parser.error(f"the training split has {len(train_set)} images, fewer than --batch-size {args.batch_size}")
+    if len(train_set) < args.batch_size * world_size:
+        parser.error(f"the training split has {len(train_set)} images, fewer than --batch-size {args.batch_size} x "
+                     f"{world_size} processes")
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "finetune_scratch" if args.from_scratch else "finetune")
     os.makedirs(out, exist_ok=True)
 
     num_classes = train_set.num_classes
     model = Classifier(encoder, cfg.enc_dim, num_classes, args.pool).to(device)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                               num_workers=args.workers, persistent_workers=args.workers > 0)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=args.workers)
-    lr = args.blr * args.batch_size / 256
+    ddp_model = wrap_ddp(model, device)  # = model for one process
+    if world_size > 1:
+        torch.manual_seed(args.seed + rank)  # own mixup, cutmix, drop path and crops per process
+    # Each process reads its shard of every epoch's permutation (data.make_loader); rank 0 evaluates and saves.
+    train_loader, sampler = make_loader(train_set, args.batch_size, rank, world_size, seed=args.seed,
+                                        workers=args.workers)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=args.workers,
+                                             collate_fn=collate_skip_broken)
+    lr = args.blr * args.batch_size * world_size / 256  # the global batch
     groups = layer_decay_groups(model, args.weight_decay, args.layer_decay, cfg.enc_depth)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr)
     total_steps = args.epochs * len(train_loader)
     warmup_steps = int(args.warmup_epochs * len(train_loader))
-    print(f"{'from scratch' if args.from_scratch else args.ckpt} ({cfg.decoder} pretraining, {cfg.enc_dim}x{cfg.enc_depth}), "
-          f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, lr {lr:.2e}, out {out}")
+    if rank == 0:
+        print(f"{'from scratch' if args.from_scratch else args.ckpt} ({cfg.decoder} pretraining, {cfg.enc_dim}x{cfg.enc_depth}), "
+              f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, lr {lr:.2e}, out {out}")
 
     history, best, step = [], None, 0
     for epoch in range(args.epochs):
         model.train()
+        sampler.set_epoch(epoch)
         loss_sum, seen = 0.0, 0
-        for imgs, labels in tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
-            imgs, targets = mix_batch(imgs, labels, num_classes, args.mixup, args.cutmix, args.smoothing)
+        for batch in tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=rank != 0):
+            if batch is None:  # every file of the batch was unreadable (data.collate_skip_broken)
+                continue
+            imgs, targets = mix_batch(*batch, num_classes, args.mixup, args.cutmix, args.smoothing)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, lr, args.min_lr) * group["lr_scale"]
-            loss = soft_cross_entropy(model(imgs.to(device)), targets.to(device))
+            loss = soft_cross_entropy(ddp_model(imgs.to(device)), targets.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_grad > 0:
@@ -247,6 +267,9 @@ def main(argv=None):
             step += 1
             loss_sum += loss.item() * imgs.shape[0]
             seen += imgs.shape[0]
+        loss_sum, seen = all_reduce_sum([loss_sum, seen], device)  # over all processes
+        if rank != 0:
+            continue
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / seen, **evaluate(model, val_loader, device)}
         history.append(metrics)
         print(" ".join(f"{k} {v:.4f}" if k == "train_loss" else f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
@@ -256,6 +279,8 @@ def main(argv=None):
             best = metrics
             save_classifier(os.path.join(out, "finetune_best.pt"), model, cfg, num_classes, train_set.classes, epoch, metrics)
 
+    if rank != 0:
+        return None
     result = {"ckpt": None if args.from_scratch else args.ckpt, "from_scratch": args.from_scratch, "decoder": cfg.decoder,
               "data": args.data, "best": best, "last": history[-1], "history": history,
               "args": {k: v for k, v in vars(args).items() if k not in ("device", "out")}}

@@ -35,8 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import build_dataset
-from model import Encoder, encode, load_encoder, lr_at, topk_accuracy
+from data import build_dataset, collate_skip_broken
+from model import (Encoder, cleanup_distributed, encode, gather_objects, init_distributed, load_encoder, lr_at,
+                   topk_accuracy)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -44,15 +45,23 @@ from model import Encoder, encode, load_encoder, lr_at, topk_accuracy
 
 
 @torch.no_grad()
-def extract_features(encoder, dataset, pool="cls", batch_size=256, workers=0, device="cpu", desc="features"):
-    """Features [M, D] and labels [M] of every image in dataset, in order, with the encoder in eval mode."""
+def extract_features(encoder, dataset, pool="cls", batch_size=256, workers=0, device="cpu", desc="features",
+                     rank=0, world_size=1):
+    """Features [M, D] and labels [M] of every readable image in dataset, with the encoder in eval mode; in
+    dataset order for one process. Under torchrun each process encodes items rank, rank + W, ... and every
+    process gets all of them back, grouped by process (the probes do not depend on the order).
+    Unreadable image files are skipped (data.collate_skip_broken)."""
     encoder.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=collate_skip_broken)
     feats, labels = [], []
-    for imgs, y in tqdm(loader, desc=desc, leave=False):
-        feats.append(encode(encoder, imgs.to(device), pool).cpu())  # [B, D]
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    for batch in tqdm(loader, desc=desc, leave=False, disable=rank != 0):
+        if batch is not None:  # None: every file of the batch was unreadable
+            feats.append(encode(encoder, batch[0].to(device), pool).cpu())  # [B, D]
+            labels.append(batch[1])
+    parts = gather_objects((torch.cat(feats), torch.cat(labels)))  # [(feats, labels)] for one process
+    return torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -184,8 +193,17 @@ def default_out(args):
 
 
 def main(argv=None):
+    """One process, or under torchrun: features extracted in shards by all processes, probes on rank 0."""
     parser, args = get_args(argv)
-    device = torch.device(args.device)
+    rank, world_size, device = init_distributed(args.device)
+    try:
+        return probe(parser, args, rank, world_size, device)
+    finally:
+        cleanup_distributed()
+
+
+def probe(parser, args, rank=0, world_size=1, device="cpu"):
+    device = torch.device(device)
     try:
         encoder, cfg = load_encoder(args.ckpt, img_size=args.img_size, device=device)
         train_set = build_dataset(args.data, cfg.img_size, train=True, n_synthetic=args.n_synthetic,
@@ -201,11 +219,17 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         encoder = Encoder(cfg).to(device)
     num_classes = train_set.num_classes
-    print(f"{'random-init' if args.random_init else args.ckpt} ({cfg.decoder} decoder, {cfg.enc_dim}x{cfg.enc_depth}), "
-          f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, pool {args.pool}")
+    if rank == 0:
+        print(f"{'random-init' if args.random_init else args.ckpt} ({cfg.decoder} decoder, {cfg.enc_dim}x{cfg.enc_depth}), "
+              f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, pool {args.pool}")
 
-    train_feats, train_labels = extract_features(encoder, train_set, args.pool, 256, args.workers, device, "train features")
-    val_feats, val_labels = extract_features(encoder, val_set, args.pool, 256, args.workers, device, "val features")
+    shard = dict(rank=rank, world_size=world_size)
+    train_feats, train_labels = extract_features(encoder, train_set, args.pool, 256, args.workers, device,
+                                                 "train features", **shard)
+    val_feats, val_labels = extract_features(encoder, val_set, args.pool, 256, args.workers, device, "val features",
+                                             **shard)
+    if rank != 0:
+        return None  # the probes are cheap on cached features: rank 0 trains, scores and writes them
     result = {"ckpt": args.ckpt, "random_init": args.random_init, "decoder": cfg.decoder, "data": args.data,
               "pool": args.pool, "img_size": cfg.img_size, "num_train": len(train_set), "num_val": len(val_set)}
     if args.epochs > 0:

@@ -274,3 +274,31 @@ def test_next_images_skips_empty_batches_and_counts_short_ones():
     imgs = torch.zeros(3, 3, 4, 4)
     assert train.next_images(iter([None, None, (imgs, None)]), 4, "cpu")[1] == 4 + 4 + 1
     assert train.next_images(iter([None]), 4, "cpu") == (None, 4)
+
+
+def test_probe_and_finetune_run_under_torchrun(tmp_path):
+    import probe
+
+    train.main(SMALL + ["--epochs", "1", "--max-steps", "2", "--out", str(tmp_path / "pre")])
+    ckpt = str(tmp_path / "pre" / "checkpoint.pt")
+    probe_args = ["--ckpt", ckpt, "--n-synthetic", "64", "--n-val", "32", "--epochs", "0", "--knn", "5"]
+    one = probe.main(probe_args + ["--out", str(tmp_path / "probe1.json")])
+
+    def torchrun(script, args):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              os.path.join(ROOT, script)] + args, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run.stdout
+
+    out = torchrun("probe.py", probe_args + ["--out", str(tmp_path / "probe2.json")])
+    assert out.count("wrote ") == 1  # rank 0 only
+    two = json.loads((tmp_path / "probe2.json").read_text())
+    assert two["num_train"] == one["num_train"] == 64
+    # Features are extracted in shards and gathered; only batch composition (float rounding) differs.
+    assert two["knn"]["top1"] == pytest.approx(one["knn"]["top1"], abs=100 / 32 + 1e-9)
+
+    out = torchrun("finetune.py", ["--ckpt", ckpt, "--n-synthetic", "64", "--n-val", "32", "--epochs", "1",
+                                   "--batch-size", "8", "--out", str(tmp_path / "ft")])
+    result = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert len(result["history"]) == 1 and 0 < result["last"]["train_loss"] < 10
+    assert "lr 6.25e-05" in out  # blr 1e-3 x global batch 16 / 256
