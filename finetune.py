@@ -5,6 +5,7 @@ classifier from scratch to see what pretraining is worth.
     python finetune.py --ckpt runs/gmae/checkpoint.pt                  # synthetic scenes, a few minutes on 2 CPU cores
     python finetune.py --ckpt runs/gmae/checkpoint.pt --from-scratch   # same model and recipe, random init
     python finetune.py --ckpt runs/cifar_gmae/checkpoint.pt --data /path/cifar10_subset --epochs 20
+    torchrun --standalone --nproc_per_node 8 finetune.py --ckpt ...    # DDP as train.py; lr from batch x 8
 
 Model: the checkpoint's encoder (GMAE and MAE checkpoints alike), whole image (mask 0), then
     logits = Linear(pool(encoder(image)))      pool: mean of the patch tokens (MAE fine-tuning) or cls token

@@ -5,6 +5,7 @@ How good is a pretrained encoder? A linear probe and a k-NN classifier on its fr
     python probe.py --ckpt runs/mae/checkpoint.pt --pool mean
     python probe.py --ckpt runs/gmae/checkpoint.pt --random-init       # the same encoder, untrained: the floor
     python probe.py --ckpt runs/cifar_gmae/checkpoint.pt --data /path/cifar10_subset   # ImageFolder train/ val/
+    torchrun --standalone --nproc_per_node 8 probe.py --ckpt ...       # features extracted in 8 shards
 
 Both readings use the encoder of a train.py checkpoint (GMAE and MAE alike), run on the whole image (mask 0):
     features f = encode(encoder, image)        [B, D]: the normalised cls token (or the mean patch token)
