@@ -184,3 +184,19 @@ def test_normalize_matches_formula():
     assert M.normalize(x.double()).dtype == torch.float64
     with pytest.raises(ValueError, match="RGB"):
         M.normalize(torch.rand(2, 4, 4, 4))
+
+
+def test_center_depth_removes_each_images_common_depth_shift_and_its_gradient():
+    raw = torch.randn(3, 10, 14, dtype=torch.float64)
+    shifted = raw.clone()
+    shifted[..., 2] += torch.tensor([[5.0], [-3.0], [0.5]], dtype=torch.float64)  # one shift per image
+    a, b = M.gaussian_activation(raw, 6.0, center_depth=True), M.gaussian_activation(shifted, 6.0, center_depth=True)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert a[..., 2].mean(-1).abs().max() < 0.5  # centred: tanh of raw depths with mean 0 per image
+    # The paper's activation (off) moves with the shift; the centred one's gradient has no common mode.
+    assert (M.gaussian_activation(shifted, 6.0)[..., 2] - M.gaussian_activation(raw, 6.0)[..., 2]).abs().max() > 0.1
+    raw.requires_grad_(True)
+    (grad,) = torch.autograd.grad((M.gaussian_activation(raw, 6.0, center_depth=True)[..., 2] * torch.rand(3, 10)).sum(), raw)
+    torch.testing.assert_close(grad[..., 2].sum(-1), torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(M.gaussian_activation(raw.detach(), 6.0, center_depth=True)[..., [0, 1, *range(3, 14)]],
+                               M.gaussian_activation(raw.detach(), 6.0)[..., [0, 1, *range(3, 14)]], rtol=0, atol=0)

@@ -237,7 +237,10 @@ def test_eval_fg_and_depth_on_synthetic_scenes(ckpt, tmp_path):
     assert all(0 <= v["IoU"] <= 1 and 0 <= v["F"] <= 1 for v in fg.values())
     depth = json.load(open(tmp_path / "depth_synthetic.json"))
     assert set(depth) == {"learned", "permuted", "radial", "beyond-pos"}
-    assert all(0 <= v["fg_AUC"] <= 1 and -1 <= v["rank_corr"] <= 1 for v in depth.values())
+    assert all(-1 <= v["rank_corr"] <= 1 for v in depth.values())
+    # fg AUC is undefined (NaN) for an image with no Gaussian centred on its object, which a 2-step model can
+    # give on all 6 scenes; a defined one is a probability.
+    assert all(math.isnan(v["fg_AUC"]) or 0 <= v["fg_AUC"] <= 1 for v in depth.values())
 
 
 # ------------------------------------------------------------------------------------------ the BSDS benchmark
