@@ -254,7 +254,9 @@ def test_boundary_scores_of_a_perfect_prediction_are_one():
     th = Z.bsds_thresholds(5)
     counts = Z.boundary_counts(gt.astype(np.float64), [gt, gt], th)[None]
     scores = Z.boundary_scores(counts, th)
-    assert scores["ODS"] == pytest.approx(1.0) and scores["OIS"] == pytest.approx(1.0)
+    # The official matcher (correspondPixels) adds random outlier edges to its assignment graph, so a perfect
+    # prediction can leave a pixel of the 100 unmatched in some runs (0.995 seen in CI): near 1, not exactly 1.
+    assert scores["ODS"] == pytest.approx(1.0, abs=0.01) and scores["OIS"] == pytest.approx(1.0, abs=0.01)
 
 
 @needs_pyee
