@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import build_dataset, collate_skip_broken, make_loader
-from model import (Encoder, GMAEConfig, all_reduce_sum, cleanup_distributed, encode, init_distributed, load_encoder,
-                   lr_at, read_checkpoint, skips_weight_decay, topk_accuracy, wrap_ddp)
+from model import (Encoder, GMAEConfig, all_reduce_sum, distributed, encode, load_encoder, lr_at, read_checkpoint,
+                   skips_weight_decay, topk_accuracy, wrap_ddp)
 
 
 class Classifier(nn.Module):
@@ -205,11 +205,8 @@ def build_encoder(args):
 def main(argv=None):
     """One process, or DistributedDataParallel under torchrun (as train.py; lr from the global batch)."""
     parser, args = get_args(argv)
-    rank, world_size, device = init_distributed(args.device)
-    try:
+    with distributed(args.device) as (rank, world_size, device):
         return finetune(parser, args, rank, world_size, device)
-    finally:
-        cleanup_distributed()
 
 
 def finetune(parser, args, rank=0, world_size=1, device="cpu"):

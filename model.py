@@ -22,6 +22,7 @@ blocks.N.attn.qkv, blocks.N.mlp.fc1, norm, ...), so `model.encoder.state_dict()`
 
 Used by train.py (pretraining), probe.py / finetune.py (encoder features) and zeroshot.py (Gaussians).
 """
+import contextlib
 import math
 import os
 import random
@@ -571,6 +572,17 @@ def cleanup_distributed():
     if dist.is_initialized():
         dist.barrier()  # no copy leaves while another still writes or reduces
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(device):
+    """`with distributed(args.device) as (rank, world_size, device):` the body of a script's main, inside
+    torchrun's process group when there is one (init_distributed), left cleanly on the way out."""
+    rank, world_size, device = init_distributed(device)
+    try:
+        yield rank, world_size, device
+    finally:
+        cleanup_distributed()
 
 
 def wrap_ddp(model, device):

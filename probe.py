@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import build_dataset, collate_skip_broken
-from model import (Encoder, cleanup_distributed, encode, gather_objects, init_distributed, load_encoder, lr_at,
-                   topk_accuracy)
+from model import Encoder, distributed, encode, gather_objects, load_encoder, lr_at, topk_accuracy
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,11 +195,8 @@ def default_out(args):
 def main(argv=None):
     """One process, or under torchrun: features extracted in shards by all processes, probes on rank 0."""
     parser, args = get_args(argv)
-    rank, world_size, device = init_distributed(args.device)
-    try:
+    with distributed(args.device) as (rank, world_size, device):
         return probe(parser, args, rank, world_size, device)
-    finally:
-        cleanup_distributed()
 
 
 def probe(parser, args, rank=0, world_size=1, device="cpu"):

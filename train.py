@@ -53,9 +53,9 @@ from tqdm import tqdm
 
 import splat
 from data import build_dataset, make_loader
-from model import (GMAE, CheckpointError, GMAEConfig, all_reduce_sum, cleanup_distributed, gather_objects,
-                   init_distributed, lr_at, param_groups, patchify, read_checkpoint, reconstruction_metrics,
-                   rng_states, save_checkpoint, set_rng_states, unpatchify, wrap_ddp)
+from model import (GMAE, CheckpointError, GMAEConfig, all_reduce_sum, distributed, gather_objects, lr_at,
+                   param_groups, patchify, read_checkpoint, reconstruction_metrics, rng_states, save_checkpoint,
+                   set_rng_states, unpatchify, wrap_ddp)
 
 # Model sizes: (enc_dim, enc_depth, enc_heads, dec_dim, dec_depth, dec_heads). "base" is the paper's ViT-B
 # with MAE's 512-wide, 8-deep decoder; "tiny" is the laptop default.
@@ -193,14 +193,10 @@ class Preemption:
 
 
 def main(argv=None):
-    """Parse flags, join torchrun's process group if launched by torchrun (model.init_distributed), train."""
+    """Parse flags, join torchrun's process group if launched by torchrun (model.distributed), train."""
     args = get_args(argv)
-    rank, world_size, device = init_distributed(args.device)
-    try:
-        with Preemption() as preemption:
-            return pretrain(args, rank, world_size, device, preemption)
-    finally:
-        cleanup_distributed()
+    with distributed(args.device) as (rank, world_size, device), Preemption() as preemption:
+        return pretrain(args, rank, world_size, device, preemption)
 
 
 def pretrain(args, rank=0, world_size=1, device="cpu", preemption=None):
