@@ -8,6 +8,8 @@ GMAE (Rajasegaran et al. 2025, Sec. 3.2) is MAE (He et al. 2022) with a differen
     encoder: ViT on visible patches + cls token           -> latents [B, 1 + N_vis, D_enc]
     decoder input (paper Eq. 1): Linear(latents) ++ k learnable query tokens, NO mask tokens
     decoder: ViT blocks; the k query outputs -> Linear(D_dec -> 14) -> gaussian_activation
+        (two documented departures, both off here and on in train.py's laptop defaults: anchored queries,
+        GMAEConfig.anchors, and per-image centred depth, GMAEConfig.center_depth)
     splat.render(gaussians, H, W) -> reconstruction [B,3,H,W] in [0,1]
     loss = MSE(reconstruction, image) over the pixels of the masked patches
 
@@ -63,6 +65,13 @@ class GMAEConfig:
     # smaller), Adam moves the shared depth at full speed until tanh saturates and depth dies. Centring
     # removes that common mode and keeps only relative depth, which is what layering reads.
     center_depth: bool = False
+    # Departure from the paper (off = the paper): anchored queries. Query j gets the fixed sin-cos position
+    # embedding of a grid point a_j (the latents carry the same embedding of their patch) and its centre is
+    # x, y = tanh(raw + atanh(a_j)): each Gaussian starts at its own grid point and is free to move anywhere.
+    # The reference-point idea of query-based detectors (Deformable DETR, Zhu et al. 2021; DAB-DETR, Liu et
+    # al. 2022) applied to GMAE's query tokens, so a short run does not spend its steps sorting out which
+    # query draws where.
+    anchors: bool = False
 
     def __post_init__(self):
         if self.img_size <= 0 or self.patch_size <= 0:
@@ -122,23 +131,38 @@ def unpatchify(x, p, H, W):
     return torch.einsum("bhwpqc->bchpwq", x).reshape(B, 3, H, W)
 
 
-def sincos_pos_embed(dim, grid_size, cls_token=True):
-    """Fixed 2-D sin-cos position embedding [1 (+1), grid*grid, dim]: half the channels encode the row,
-    half the column, each as sin/cos at geometric frequencies (MAE, after Vaswani et al. 2017)."""
+def sincos_embed_2d(dim, gx, gy):
+    """2-D sin-cos embedding [M, dim] of (possibly fractional) grid coordinates gx, gy [M]: half the channels
+    encode the column, half the row, each as sin/cos at geometric frequencies (MAE, after Vaswani et al.)."""
     if dim % 4:
         raise ValueError(f"embedding width must be divisible by 4 for 2-D sin-cos, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))  # [D/4]
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
 
     def embed_1d(pos):  # [M] -> [M, D/2]
-        out = pos.reshape(-1, 1) * omega[None]
+        out = pos.reshape(-1, 1).double() * omega[None]
         return torch.cat([out.sin(), out.cos()], dim=1)
 
-    emb = torch.cat([embed_1d(gx), embed_1d(gy)], dim=1)  # [grid*grid, D]  (MAE order: w first, then h)
+    return torch.cat([embed_1d(gx), embed_1d(gy)], dim=1)  # (MAE order: w first, then h)
+
+
+def sincos_pos_embed(dim, grid_size, cls_token=True):
+    """Fixed 2-D sin-cos position embedding [1, (1 +) grid*grid, dim] of the patch grid (MAE)."""
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    emb = sincos_embed_2d(dim, gx, gy)  # [grid*grid, D]
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb], dim=0)
     return emb.float().unsqueeze(0)
+
+
+def anchor_grid(k):
+    """k anchor points [k, 2] (x, y in (-1, 1), image coordinates of splat.project): the cell centres of the
+    smallest g x g grid with g*g >= k, k of them spread evenly in raster order."""
+    g = math.ceil(math.sqrt(k))
+    centres = (torch.arange(g, dtype=torch.float64) + 0.5) / g * 2 - 1
+    gy, gx = torch.meshgrid(centres, centres, indexing="ij")
+    cells = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1)  # [g*g, 2]
+    return cells[torch.linspace(0, g * g - 1, k, dtype=torch.float64).round().long()]
 
 
 def random_masking(x, mask_ratio, generator=None):
@@ -313,6 +337,13 @@ class GaussianDecoder(nn.Module):
         # The other rows start small, so scales, colours and opacities start near sigmoid(0) = 0.5.
         nn.init.normal_(self.queries, std=1.0)
         nn.init.normal_(self.head.weight[0:3], std=1.0 / math.sqrt(cfg.dec_dim))
+        if cfg.anchors:  # see GMAEConfig.anchors: the queries' identity is their grid point, not random noise
+            a = anchor_grid(cfg.num_gaussians)  # [K, 2], x, y in (-1, 1)
+            g = (a + 1) * cfg.img_size / (2 * cfg.patch_size) - 0.5  # the same point in patch-grid units
+            self.register_buffer("query_pos", sincos_embed_2d(cfg.dec_dim, g[:, 0], g[:, 1]).float()[None], False)
+            self.register_buffer("anchor_logit", torch.atanh(a).float(), False)  # [K, 2]
+            nn.init.normal_(self.queries, std=0.02)
+            nn.init.normal_(self.head.weight[0:2], std=0.1 / math.sqrt(cfg.dec_dim))
 
     def forward(self, latents, ids_keep):
         """latents [B, 1 + N_vis, D_enc] -> raw Gaussians [B, K, 14]."""
@@ -320,12 +351,16 @@ class GaussianDecoder(nn.Module):
         pos = self.decoder_pos_embed.expand(x.shape[0], -1, -1)
         pos_vis = torch.gather(pos[:, 1:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = x + torch.cat([pos[:, :1], pos_vis], dim=1)
-        q = self.queries.expand(x.shape[0], -1, -1)  # [B, K, D_dec]
+        q = self.queries if not self.cfg.anchors else self.queries + self.query_pos
+        q = q.expand(x.shape[0], -1, -1)  # [B, K, D_dec]
         x = torch.cat([x, q], dim=1)  # [B, 1 + N_vis + K, D_dec]
         for blk in self.blocks:
             x = blk(x)
         x = self.norm(x[:, -self.cfg.num_gaussians:])  # keep the query outputs, discard the latents
-        return self.head(x)  # [B, K, 14]
+        raw = self.head(x)  # [B, K, 14]
+        if self.cfg.anchors:
+            raw = torch.cat([raw[..., 0:2] + self.anchor_logit, raw[..., 2:]], dim=-1)
+        return raw
 
 
 class PixelDecoder(nn.Module):

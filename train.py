@@ -85,6 +85,8 @@ def get_args(argv=None):
     p.add_argument("--norm-pix", action="store_true", help="per-patch normalised targets (hurts GMAE)")
     p.add_argument("--center-depth", action=argparse.BooleanOptionalAction, default=True,
                    help="subtract each image's mean raw depth before tanh (departure from the paper; README)")
+    p.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=True,
+                   help="anchored queries: each Gaussian starts at its own grid point (a departure; paper: off)")
     p.add_argument("--splat", default="auto", choices=splat.BACKENDS, help="rasterizer backend")
     p.add_argument("--epochs", type=int, default=20, help="paper: 400")
     p.add_argument("--batch-size", type=int, default=32, help="per step (paper: 4096 in total)")
@@ -116,7 +118,7 @@ def config_from_args(args):
         img_size=args.img_size, patch_size=args.patch, enc_dim=enc_dim, enc_depth=enc_depth, enc_heads=enc_heads,
         dec_dim=dec_dim, dec_depth=dec_depth, dec_heads=dec_heads, mask_ratio=args.mask,
         num_gaussians=args.gaussians, scale_max=args.scale_max, decoder=args.decoder, loss_on=args.loss_on,
-        norm_pix=args.norm_pix, center_depth=args.center_depth,
+        norm_pix=args.norm_pix, center_depth=args.center_depth, anchors=args.anchors,
     )
 
 

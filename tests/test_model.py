@@ -200,3 +200,34 @@ def test_center_depth_removes_each_images_common_depth_shift_and_its_gradient():
     torch.testing.assert_close(grad[..., 2].sum(-1), torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-12)
     torch.testing.assert_close(M.gaussian_activation(raw.detach(), 6.0, center_depth=True)[..., [0, 1, *range(3, 14)]],
                                M.gaussian_activation(raw.detach(), 6.0)[..., [0, 1, *range(3, 14)]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [1, 5, 48, 64])
+def test_anchor_grid_spreads_k_distinct_points_inside_the_image(k):
+    a = M.anchor_grid(k)
+    assert a.shape == (k, 2) and a.abs().max() < 1
+    assert len({tuple(p) for p in a.tolist()}) == k
+    if k == 64:  # an 8 x 8 grid of cell centres: -7/8, -5/8, ..., 7/8 in x and y, raster order
+        centres = torch.arange(-7, 8, 2, dtype=torch.float64) / 8
+        assert torch.equal(a[:8, 0], centres) and torch.equal(a[::8, 1], centres)
+
+
+def test_anchored_queries_start_at_their_grid_points_and_carry_its_position_embedding():
+    torch.manual_seed(0)
+    cfg = small_config(num_gaussians=16, anchors=True)  # 16 px, patch 4: a 4 x 4 grid, one anchor per patch
+    model = M.GMAE(cfg)
+    g, _ = model.gaussians(torch.rand(3, 3, 16, 16))
+    a = M.anchor_grid(16).float()
+    assert (g[..., 0:2] - a).abs().max() < 0.15  # every centre starts near its own anchor, in every image
+    # one anchor per patch: the queries' position embedding is the latents' embedding of the same patch
+    assert torch.allclose(model.decoder.query_pos[0], model.decoder.decoder_pos_embed[0, 1:], atol=1e-6)
+    out = model(torch.rand(2, 3, 16, 16))
+    out["loss"].backward()
+    assert model.decoder.queries.grad.abs().sum() > 0
+    assert "decoder.query_pos" not in model.state_dict()  # fixed, rebuilt from the config: not saved
+
+
+def test_sincos_embedding_of_fractional_points_interpolates_the_grid():
+    a = M.sincos_embed_2d(32, torch.tensor([1.0, 2.0]), torch.tensor([3.0, 3.0]))
+    grid = M.sincos_pos_embed(32, 4, cls_token=False)[0].double()  # row 3: patches 12..15
+    assert torch.allclose(a, grid[[13, 14]], atol=1e-7)
