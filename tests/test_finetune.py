@@ -2,33 +2,18 @@
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import finetune
 import model as M
-
-COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 40)]  # 4 easy classes
+from labelled_folders import colour_folder
 
 
 def small_config(**kw):
     base = dict(img_size=16, patch_size=4, enc_dim=32, enc_depth=2, enc_heads=2, dec_dim=32, dec_depth=1,
                 dec_heads=2, num_gaussians=8)
     return M.GMAEConfig(**{**base, **kw})
-
-
-def colour_folder(root, n_train=32, n_val=8, size=16):
-    """root/{train,val}/<class>/<i>.png: noisy flat images of one colour per class."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c, colour in enumerate(COLOURS):
-            os.makedirs(root / split / f"c{c}", exist_ok=True)
-            for i in range(n):
-                img = np.clip(np.array(colour) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(root / split / f"c{c}" / f"{i}.png")
-    return str(root)
 
 
 def test_layer_decay_groups_get_the_documented_multipliers():
@@ -68,7 +53,7 @@ def test_mixup_and_cutmix_give_soft_labels_that_sum_to_one_and_match_the_pixels(
 
 
 def test_finetune_beats_chance_and_keeps_best_and_last(tmp_path):
-    data = colour_folder(tmp_path / "colours")
+    data = colour_folder(tmp_path / "colours", n_train=32)
     cfg = small_config(decoder="pixels")
     torch.manual_seed(0)
     model = M.GMAE(cfg)

@@ -2,17 +2,13 @@
 other image / patch sizes, and the whole script beating chance on an easy labelled folder."""
 import json
 import math
-import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import model as M
 import probe
-
-COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 40)]  # 4 easy classes
+from labelled_folders import colour_folder
 
 
 def small_config(**kw):
@@ -26,18 +22,6 @@ def save_ckpt(path, cfg, seed=0):
     model = M.GMAE(cfg)
     M.save_checkpoint(str(path), model, torch.optim.AdamW(model.parameters()), cfg, 0, 0)
     return model
-
-
-def colour_folder(root, n_train=16, n_val=8, size=16):
-    """root/{train,val}/<class>/<i>.png: noisy flat images of one colour per class."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c, colour in enumerate(COLOURS):
-            os.makedirs(root / split / f"c{c}", exist_ok=True)
-            for i in range(n):
-                img = np.clip(np.array(colour) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(root / split / f"c{c}" / f"{i}.png")
-    return str(root)
 
 
 def test_knn_on_hand_made_features_gives_the_known_answer():
