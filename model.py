@@ -340,10 +340,12 @@ class GaussianDecoder(nn.Module):
         if cfg.anchors:  # see GMAEConfig.anchors: the queries' identity is their grid point, not random noise
             a = anchor_grid(cfg.num_gaussians)  # [K, 2], x, y in (-1, 1)
             g = (a + 1) * cfg.img_size / (2 * cfg.patch_size) - 0.5  # the same point in patch-grid units
-            self.register_buffer("query_pos", sincos_embed_2d(cfg.dec_dim, g[:, 0], g[:, 1]).float()[None], False)
-            self.register_buffer("anchor_logit", torch.atanh(a).float(), False)  # [K, 2]
-            nn.init.normal_(self.queries, std=0.02)
-            nn.init.normal_(self.head.weight[0:2], std=0.1 / math.sqrt(cfg.dec_dim))
+            query_pos = sincos_embed_2d(cfg.dec_dim, g[:, 0], g[:, 1]).float()[None]  # [1, K, D_dec]
+            # fixed and rebuilt from the config, so not saved: checkpoints without anchors load unchanged
+            self.register_buffer("query_pos", query_pos, persistent=False)
+            self.register_buffer("anchor_logit", torch.atanh(a).float(), persistent=False)  # [K, 2]
+            nn.init.normal_(self.queries, std=0.02)  # small beside query_pos (MAE's mask token init)
+            nn.init.normal_(self.head.weight[0:2], std=0.1 / math.sqrt(cfg.dec_dim))  # start near the anchor
 
     def forward(self, latents, ids_keep):
         """latents [B, 1 + N_vis, D_enc] -> raw Gaussians [B, K, 14]."""
