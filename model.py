@@ -334,7 +334,8 @@ class GaussianDecoder(nn.Module):
         # Initialisation (DESIGN.md 1): if every Gaussian starts at the centre, training crawls. The queries
         # are N(0, 1), so after the final LayerNorm each query has its own unit-variance feature vector; xyz rows
         # of the head with std 1/sqrt(D) then give tanh inputs of std ~1, spreading the centres over [-1, 1]^3.
-        # The other rows start small, so scales, colours and opacities start near sigmoid(0) = 0.5.
+        # The other rows keep the xavier init (raw outputs of std about 1), so scales, colours and opacities
+        # start spread around sigmoid(0) = 0.5.
         nn.init.normal_(self.queries, std=1.0)
         nn.init.normal_(self.head.weight[0:3], std=1.0 / math.sqrt(cfg.dec_dim))
         if cfg.anchors:  # see GMAEConfig.anchors: the queries' identity is their grid point, not random noise

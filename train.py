@@ -5,12 +5,13 @@ Pretrain GMAE (or plain MAE with --decoder pixels) with the MAE recipe.
     python train.py --gaussians 512 --mask 0.75
     python train.py --decoder pixels                  # the MAE baseline, same code path and loss
     python train.py --data /path/to/imagenet --model base --img-size 224 --patch 16 --gaussians 512 \
-                    --scale-max 1 --loss-on masked --no-center-depth --blr 1e-4 \
+                    --scale-max 1 --loss-on masked --no-center-depth --no-anchors --blr 1e-4 \
                     --epochs 400 --batch-size 256 --warmup-epochs 20      # the paper's setting (GPUs)
 
 The laptop defaults depart from the paper where 4 minutes at 32 px need it (README "Laptop defaults"):
 c = 2 (coverage of 64 Gaussians on 32 px), lr 2e-3 at batch 32 (short schedule), the loss on the whole
-image, and --center-depth (each image's mean raw depth removed, so depth cannot saturate as a size knob).
+image, --center-depth (each image's mean raw depth removed, so depth cannot saturate as a size knob) and
+--anchors (each query token starts from its own grid point; GMAEConfig.anchors).
 
 Recipe (MAE, He et al. 2022, Sec. A.1; GMAE Table 5):
     AdamW, betas (0.9, 0.95), weight decay 0.05 except biases, norms and tokens
