@@ -52,6 +52,14 @@ def to_tensor(img):
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+def to_uint8(x):
+    """Float tensor [3, H, W] (or [H, W]) in [0, 1] -> uint8 numpy array [H, W, 3] (or [H, W]) for PIL: the
+    inverse of to_tensor, values outside [0, 1] clipped."""
+    x = x.detach().clamp(0, 1).cpu()
+    x = x.permute(1, 2, 0) if x.dim() == 3 else x
+    return (x.numpy() * 255).round().astype(np.uint8)
+
+
 def _pair(size):
     h, w = (size, size) if isinstance(size, int) else size
     if h < 1 or w < 1:

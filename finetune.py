@@ -11,7 +11,7 @@ Model: the checkpoint's encoder (GMAE and MAE checkpoints alike), whole image (m
     logits = Linear(pool(encoder(image)))      pool: mean of the patch tokens (MAE fine-tuning) or cls token
 Recipe (MAE, He et al. 2022, Sec. A.3; GMAE paper Sec. 6; numbers in brackets are theirs for ViT-B):
     AdamW, betas (0.9, 0.999), weight decay 0.05 except biases, norms and tokens, lr = blr * batch / 256 [5e-4],
-    per-step linear warmup then cosine (model.lr_at)
+    per-step linear warmup then cosine (engine.lr_at)
     layer-wise lr decay (BEiT, Bao et al. 2021): parameters of layer l get lr * decay^(L + 1 - l), with
         l = 0 for the patch embedding, cls token and position embedding, l = i + 1 for block i, and
         l = L + 1 for the final norm and the head (L = encoder depth)  [0.65 in MAE; the GMAE paper: 0.8].
@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import build_dataset, collate_skip_broken, make_loader
-from model import (Encoder, GMAEConfig, all_reduce_sum, distributed, encode, load_encoder, lr_at, read_checkpoint,
-                   skips_weight_decay, topk_accuracy, wrap_ddp)
+from model import Encoder, GMAEConfig
+from engine import all_reduce_sum, distributed, encode, load_encoder, lr_at, read_checkpoint, skips_weight_decay, topk_accuracy, wrap_ddp
 
 
 class Classifier(nn.Module):
@@ -146,7 +146,7 @@ def evaluate(model, loader, device):
 
 
 def save_classifier(path, model, cfg, num_classes, classes, epoch, metrics):
-    """Atomic write. "model" holds encoder.* and head.* weights, so model.load_encoder reads the encoder back."""
+    """Atomic write. "model" holds encoder.* and head.* weights, so engine.load_encoder reads the encoder back."""
     tmp = path + ".tmp"
     torch.save({"model": model.state_dict(), "config": asdict(cfg), "kind": "finetune", "num_classes": num_classes,
                 "classes": classes, "pool": model.pool, "epoch": epoch, "metrics": metrics}, tmp)

@@ -24,15 +24,10 @@ blocks.N.attn.qkv, blocks.N.mlp.fc1, norm, ...), so `model.encoder.state_dict()`
 
 Used by train.py (pretraining), probe.py / finetune.py (encoder features) and zeroshot.py (Gaussians).
 """
-import contextlib
 import math
-import os
-import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -94,6 +89,31 @@ class GMAEConfig:
     @property
     def num_patches(self):
         return (self.img_size // self.patch_size) ** 2
+
+    @classmethod
+    def preset(cls, model="tiny", **overrides):
+        """The configuration `python train.py --model <model>` runs: the widths of MODEL_SIZES[model] and the
+        LAPTOP_DEFAULTS recipe, then `overrides` (field names of GMAEConfig). train.py's flag defaults, bench.py
+        and the tests read from here, so the defaults live in this one place. The paper's setting is
+        GMAEConfig.preset("base", **PAPER)."""
+        if model not in MODEL_SIZES:
+            raise ValueError(f"--model must be one of {', '.join(MODEL_SIZES)}, got {model!r}")
+        return cls(**{**MODEL_SIZES[model], **LAPTOP_DEFAULTS, **overrides})
+
+
+# Model sizes. "base" is the paper's ViT-B/16 encoder with MAE's 512-wide, 8-deep decoder; "tiny" runs on a laptop.
+MODEL_SIZES = {
+    "tiny": dict(enc_dim=192, enc_depth=6, enc_heads=3, dec_dim=128, dec_depth=2, dec_heads=4),
+    "small": dict(enc_dim=384, enc_depth=12, enc_heads=6, dec_dim=256, dec_depth=4, dec_heads=8),
+    "base": dict(enc_dim=768, enc_depth=12, enc_heads=12, dec_dim=512, dec_depth=8, dec_heads=16),
+}
+# What a 4-minute run at 32 px on a 2-core CPU needs, where it departs from the field defaults above (the
+# paper's choices; README "Laptop defaults" has the measurements): 64 Gaussians, c = 2 for their coverage,
+# the loss on the whole image, per-image centred depth and anchored queries.
+LAPTOP_DEFAULTS = dict(num_gaussians=64, scale_max=2.0, loss_on="all", center_depth=True, anchors=True)
+# The paper's pretraining (Sec. 4.1, Table 5) at ViT-B/16 and 224 px: GMAEConfig.preset("base", **PAPER).
+PAPER = dict(img_size=224, patch_size=16, num_gaussians=512, scale_max=1.0, loss_on="masked", center_depth=False,
+             anchors=False)
 
 
 def normalize(x):
@@ -507,228 +527,3 @@ def reconstruction_metrics(model, imgs, backend="auto", batch_size=64, seed=0):
         metrics.update(z_mean=z.mean().item(), z_std=z.std(dim=1).mean().item() if z.shape[1] > 1 else 0.0,
                        z_saturated=(z.abs() > 0.99).float().mean().item(), corr_scale_z=corr.item())
     return metrics
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints (written by train.py, read by every later stage)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that exists but cannot be used: truncated, not a torch file, or not GMAE's."""
-
-
-def save_checkpoint(path, model, optimizer, cfg, epoch, step, extra=None):
-    """Write {model, optimizer, config, epoch, step} plus the entries of `extra` (train.py adds the position
-    in the epoch, the GradScaler and the RNG states) atomically: to path.tmp, flushed to disk, then renamed
-    over path. A crash, SIGKILL or full disk mid-write leaves the previous checkpoint as it was."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
-             "epoch": epoch, "step": step, **(extra or {})}
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict with its config as a GMAEConfig; a clear error when there is none."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: make one with `python train.py --out {os.path.dirname(path) or '.'}`")
-    try:  # weights_only: tensors, numbers, strings and containers only; a foreign pickle runs no code
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # zip, pickle and EOF errors, depending on where the file was cut
-        reason = (str(e).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"{path} cannot be read as a checkpoint (truncated, or not written by torch.save): "
-                              f"{type(e).__name__}: {reason}. Delete it, or resume from an older copy") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("config"), dict):
-        raise CheckpointError(f"{path} is not a checkpoint written by train.py or finetune.py (no 'model' and 'config')")
-    names = {f.name for f in fields(GMAEConfig)}
-    try:
-        ckpt["config"] = GMAEConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} holds an invalid config: {e}") from None
-    return ckpt
-
-
-def load_checkpoint(path, device="cpu"):
-    """Load a checkpoint and rebuild its model. Returns (model, checkpoint dict)."""
-    ckpt = read_checkpoint(path, device)
-    cfg = ckpt["config"]
-    model = GMAE(cfg).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model, ckpt
-
-
-def rng_states():
-    """Every RNG a training step can draw from (torch CPU, the current CUDA device, numpy, python), as plain
-    tensors and tuples so that read_checkpoint's weights_only loading accepts them. For exact resume."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos,
-              has_gauss, cached), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def set_rng_states(states):
-    """Restore what rng_states() returned."""
-    torch.set_rng_state(states["torch"])
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Distributed training, shared by train.py, probe.py and finetune.py (PyTorch DDP launched by torchrun)
-#
-# `torchrun --nproc_per_node N script.py` starts N copies of a script and describes the job in environment
-# variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Each copy joins one process group,
-# wraps its model in DistributedDataParallel (which averages gradients over the copies in backward) and
-# reads its own share of every batch (data.make_loader). Plain `python script.py` has no WORLD_SIZE: no
-# process group is made and every helper below is a no-op.
-
-
-def init_distributed(device):
-    """Join torchrun's process group if there is one. Returns (rank, world_size, device): nccl and GPU
-    LOCAL_RANK on CUDA, gloo on CPU; (0, 1, device) for a plain single-process run."""
-    device = torch.device(device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.barrier()  # no copy leaves while another still writes or reduces
-        dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def distributed(device):
-    """`with distributed(args.device) as (rank, world_size, device):` the body of a script's main, inside
-    torchrun's process group when there is one (init_distributed), left cleanly on the way out."""
-    rank, world_size, device = init_distributed(device)
-    try:
-        yield rank, world_size, device
-    finally:
-        cleanup_distributed()
-
-
-def wrap_ddp(model, device):
-    """DistributedDataParallel(model) inside a process group, else model unchanged."""
-    if not dist.is_initialized():
-        return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def unwrap(model):
-    """The plain module inside DDP: what checkpoints, evaluation and PNGs use."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def all_reduce_sum(values, device):
-    """Sum a list of numbers over all processes (one all-reduce); the list itself when single-process."""
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def gather_objects(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every process; [obj] when single-process."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Recipe pieces shared by train.py, probe.py and finetune.py (MAE util/lr_sched.py, util/lr_decay.py)
-
-NO_DECAY = ("cls_token", "pos_embed", "queries", "mask_token")
-
-
-def skips_weight_decay(name, param):
-    """Biases, norms (1-D tensors), tokens and position embeddings get no weight decay (MAE)."""
-    return param.ndim <= 1 or name.split(".")[-1] in NO_DECAY
-
-
-def param_groups(model, weight_decay):
-    """Two AdamW groups: [decay, no decay] (see skips_weight_decay)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if skips_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step, total_steps, warmup_steps, lr, min_lr):
-    """Linear warmup then half-cycle cosine, per iteration (MAE util/lr_sched.py)."""
-    if step < warmup_steps:
-        return lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The pretrained encoder as a feature extractor (probe.py, finetune.py)
-
-
-def load_encoder(path, img_size=None, patch_size=None, drop_path=0.0, device="cpu"):
-    """The encoder of a checkpoint written by train.py (GMAE or MAE alike: both decoders sit on the same
-    Encoder) or by finetune.py. Returns (encoder, cfg); cfg.img_size is the size the encoder now takes.
-
-    img_size other than the checkpoint's: the position embedding is fixed 2-D sin-cos and never trained, so
-    it is recomputed for the new patch grid (patch i still sits at grid position i, as in pretraining);
-    every trained weight loads unchanged. A different patch size cannot reuse the patch embedding, so asking
-    for one (patch_size) is an error that says to pretrain with that --patch.
-    """
-    ckpt = read_checkpoint(path, device)
-    cfg = ckpt["config"]
-    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-    if not state:
-        raise ValueError(f"{path} holds no encoder weights (no 'encoder.*' entries); pass a checkpoint from train.py")
-    if patch_size is not None and patch_size != cfg.patch_size:
-        raise ValueError(f"{path} was pretrained with patch size {cfg.patch_size}, not {patch_size}; its patch "
-                         f"embedding does not fit: pretrain with `python train.py --patch {patch_size}`")
-    if img_size is not None and img_size != cfg.img_size:
-        if img_size % cfg.patch_size:
-            raise ValueError(f"image size {img_size} is not divisible by the checkpoint's patch size "
-                             f"{cfg.patch_size}; pick a multiple of {cfg.patch_size} or pretrain at that size")
-        cfg = GMAEConfig(**{**asdict(cfg), "img_size": img_size})
-    encoder = Encoder(cfg, drop_path=drop_path).to(device)
-    state["pos_embed"] = encoder.pos_embed.detach().clone()  # fixed sin-cos of this grid, equal when unchanged
-    encoder.load_state_dict(state)
-    return encoder, cfg
-
-
-def encode(encoder, imgs, pool="cls"):
-    """Images [B, 3, H, W] in [0, 1] -> features [B, D] of the whole image (mask 0).
-
-    pool="cls": the normalised cls token (MAE's linear probe); "mean": the mean of the normalised patch
-    tokens (MAE's fine-tuning uses global pooling)."""
-    latents = encoder(normalize(imgs))[0]  # [B, 1 + N, D]
-    if pool == "cls":
-        return latents[:, 0]
-    if pool == "mean":
-        return latents[:, 1:].mean(dim=1)
-    raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-
-
-def topk_accuracy(scores, labels, ks=(1, 5)):
-    """Percent of rows of scores [V, C] whose true label [V] is among the k highest, for k = 1 and each k < C
-    (top-C is always 100, so it is left out)."""
-    ks = [k for k in ks if k == 1 or k < scores.shape[1]]
-    hits = scores.topk(max(ks), dim=1).indices == labels[:, None]  # [V, k_max]
-    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}

@@ -15,7 +15,7 @@ Every image's features are extracted once and kept in memory; the probes then ne
        logits = W BN(f) + b        BatchNorm without affine (a parameter-free whitening of each feature), then
                                    a linear layer with trunc-normal(0.01) weights
        SGD with momentum 0.9 (or --optimizer lars), no weight decay, lr = blr * batch / 256, per-step linear
-       warmup then cosine (model.lr_at), cross-entropy. MAE: LARS, blr 0.1, batch 16384, 90 epochs, 10 warmup.
+       warmup then cosine (engine.lr_at), cross-entropy. MAE: LARS, blr 0.1, batch 16384, 90 epochs, 10 warmup.
    LARS (You et al. 2017) scales each weight matrix's step by 0.001 ||w|| / ||g||, which is made for huge
    batches; at our batch of 256 its steps are 64x smaller than MAE's, so SGD is the default here.
 2. Weighted k-NN, DINO's protocol (Caron et al. 2021, eval_knn.py), no training at all:
@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import build_dataset, collate_skip_broken
-from model import Encoder, distributed, encode, gather_objects, load_encoder, lr_at, topk_accuracy
+from model import Encoder
+from engine import distributed, encode, gather_objects, load_encoder, lr_at, topk_accuracy
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -52,11 +52,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import engine
 import splat
 from data import build_dataset, make_loader
-from model import (GMAE, CheckpointError, GMAEConfig, all_reduce_sum, distributed, gather_objects, lr_at,
-                   param_groups, patchify, read_checkpoint, reconstruction_metrics, rng_states, save_checkpoint,
-                   set_rng_states, unpatchify, wrap_ddp)
+from model import GMAE, GMAEConfig, patchify, reconstruction_metrics, unpatchify
+from engine import CheckpointError, all_reduce_sum, distributed, gather_objects, lr_at, param_groups, read_checkpoint, rng_states, save_checkpoint, set_rng_states, wrap_ddp
 
 # Model sizes: (enc_dim, enc_depth, enc_heads, dec_dim, dec_depth, dec_heads). "base" is the paper's ViT-B
 # with MAE's 512-wide, 8-deep decoder; "tiny" is the laptop default.
@@ -196,7 +196,7 @@ class Preemption:
 
 
 def main(argv=None):
-    """Parse flags, join torchrun's process group if launched by torchrun (model.distributed), train."""
+    """Parse flags, join torchrun's process group if launched by torchrun (engine.distributed), train."""
     args = get_args(argv)
     with distributed(args.device) as (rank, world_size, device), Preemption() as preemption:
         return pretrain(args, rank, world_size, device, preemption)

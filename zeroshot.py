@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import engine
 import data
 import model as M
 import splat
@@ -832,8 +833,8 @@ def main(argv=None):
     net = None
     if not (args.command == "eval-edges" and (args.pred or args.gt)):
         try:
-            net, _ = M.load_checkpoint(args.ckpt)
-        except (FileNotFoundError, ValueError) as e:  # missing, or model.CheckpointError (a ValueError)
+            net, _ = engine.load_checkpoint(args.ckpt)
+        except (FileNotFoundError, ValueError) as e:  # missing, or engine.CheckpointError (a ValueError)
             parser.error(str(e))
         if net.cfg.decoder != "gaussians":
             parser.error(f"{args.ckpt} is a pixel-decoder (MAE) checkpoint; zero-shot readings need GMAE's Gaussians")

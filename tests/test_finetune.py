@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import engine
 import finetune
 import model as M
 from labelled_folders import colour_folder
@@ -57,7 +58,7 @@ def test_finetune_beats_chance_and_keeps_best_and_last(tmp_path):
     cfg = small_config(decoder="pixels")
     torch.manual_seed(0)
     model = M.GMAE(cfg)
-    M.save_checkpoint(str(tmp_path / "checkpoint.pt"), model, torch.optim.AdamW(model.parameters()), cfg, 0, 0)
+    engine.save_checkpoint(str(tmp_path / "checkpoint.pt"), model, torch.optim.AdamW(model.parameters()), cfg, 0, 0)
     args = ["--ckpt", str(tmp_path / "checkpoint.pt"), "--data", data, "--epochs", "3", "--batch-size", "16",
             "--blr", "2e-2", "--warmup-epochs", "0.5", "--mixup", "0", "--cutmix", "0"]
     result = finetune.main(args)  # 3 epochs x 8 steps
@@ -67,7 +68,7 @@ def test_finetune_beats_chance_and_keeps_best_and_last(tmp_path):
         assert os.path.isfile(out / name)
     with open(out / "finetune.json") as f:
         assert json.load(f)["best"]["top1"] == result["best"]["top1"]
-    enc, _ = M.load_encoder(str(out / "finetune_best.pt"))  # a fine-tuned encoder reads back for probing
+    enc, _ = engine.load_encoder(str(out / "finetune_best.pt"))  # a fine-tuned encoder reads back for probing
     assert not torch.equal(enc.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
 
     scratch = finetune.main(args + ["--from-scratch", "--epochs", "1"])

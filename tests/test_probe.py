@@ -1,4 +1,4 @@
-"""probe.py and model.load_encoder: k-NN and top-k by hand, the linear probe, checkpoints of either decoder,
+"""probe.py and engine.load_encoder: k-NN and top-k by hand, the linear probe, checkpoints of either decoder,
 other image / patch sizes, and the whole script beating chance on an easy labelled folder."""
 import json
 import math
@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import engine
 import model as M
 import probe
 from labelled_folders import colour_folder
@@ -20,7 +21,7 @@ def small_config(**kw):
 def save_ckpt(path, cfg, seed=0):
     torch.manual_seed(seed)
     model = M.GMAE(cfg)
-    M.save_checkpoint(str(path), model, torch.optim.AdamW(model.parameters()), cfg, 0, 0)
+    engine.save_checkpoint(str(path), model, torch.optim.AdamW(model.parameters()), cfg, 0, 0)
     return model
 
 
@@ -35,14 +36,14 @@ def test_knn_on_hand_made_features_gives_the_known_answer():
     expected = torch.tensor([math.exp(cos[0] / 0.07) + math.exp(cos[1] / 0.07), math.exp(cos[2] / 0.07), 0.0])
     assert torch.allclose(scores[0], expected, rtol=1e-5)
     assert scores.argmax(dim=1).tolist() == [0, 1, 2]
-    assert M.topk_accuracy(scores, torch.tensor([0, 1, 1]))["top1"] == pytest.approx(200 / 3)
+    assert engine.topk_accuracy(scores, torch.tensor([0, 1, 1]))["top1"] == pytest.approx(200 / 3)
 
 
 def test_topk_accuracy_counts_hits_and_skips_a_trivial_top5():
     scores = torch.tensor([[0.1, 0.5, 0.2, 0.0, -0.1, -0.2, 0.3], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]])
-    acc = M.topk_accuracy(scores, torch.tensor([2, 6]))
+    acc = engine.topk_accuracy(scores, torch.tensor([2, 6]))
     assert acc["top1"] == 0.0 and acc["top5"] == 50.0  # row 0: label 2 ranks third; row 1: label 6 ranks last
-    assert M.topk_accuracy(scores[:, :5], torch.tensor([1, 0])) == {"top1": 100.0}  # 5 classes: no top-5
+    assert engine.topk_accuracy(scores[:, :5], torch.tensor([1, 0])) == {"top1": 100.0}  # 5 classes: no top-5
 
 
 def test_lars_scales_the_step_of_a_matrix_by_its_trust_ratio():
@@ -61,31 +62,31 @@ def test_linear_probe_separates_separable_features():
     labels = torch.arange(500) % 5
     feats = centres[labels] + torch.randn(500, 16, generator=gen)
     head = probe.train_linear_probe(feats[:400], labels[:400], 5, epochs=10, batch_size=64, warmup_epochs=1)
-    assert M.topk_accuracy(head(feats[400:]).detach(), labels[400:])["top1"] == 100.0
+    assert engine.topk_accuracy(head(feats[400:]).detach(), labels[400:])["top1"] == 100.0
     assert not any(p.requires_grad for p in head[0].parameters())  # BatchNorm without affine: no parameters
 
 
 def test_pixel_and_gaussian_checkpoints_load_into_the_same_encoder(tmp_path):
     save_ckpt(tmp_path / "gmae.pt", small_config(decoder="gaussians"))
     save_ckpt(tmp_path / "mae.pt", small_config(decoder="pixels"))  # same seed: the encoder is built first
-    (a, cfg_a), (b, cfg_b) = M.load_encoder(str(tmp_path / "gmae.pt")), M.load_encoder(str(tmp_path / "mae.pt"))
+    (a, cfg_a), (b, cfg_b) = engine.load_encoder(str(tmp_path / "gmae.pt")), engine.load_encoder(str(tmp_path / "mae.pt"))
     assert type(a) is type(b) is M.Encoder and cfg_a.decoder == "gaussians" and cfg_b.decoder == "pixels"
     x = torch.rand(3, 3, 16, 16)
-    fa, fb = M.encode(a.eval(), x), M.encode(b.eval(), x)
+    fa, fb = engine.encode(a.eval(), x), engine.encode(b.eval(), x)
     assert fa.shape == (3, 32) and torch.allclose(fa, fb, atol=1e-5)  # mask 0 still shuffles token order
 
 
 def test_other_image_size_recomputes_the_sincos_embedding_and_other_patch_size_is_refused(tmp_path):
     model = save_ckpt(tmp_path / "ckpt.pt", small_config())
-    enc, cfg = M.load_encoder(str(tmp_path / "ckpt.pt"), img_size=32)
+    enc, cfg = engine.load_encoder(str(tmp_path / "ckpt.pt"), img_size=32)
     assert cfg.img_size == 32 and enc.pos_embed.shape == (1, 1 + 64, 32)
     assert torch.equal(enc.pos_embed, M.sincos_pos_embed(32, 8))
     assert torch.equal(enc.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
-    assert M.encode(enc, torch.rand(2, 3, 32, 32)).shape == (2, 32)
+    assert engine.encode(enc, torch.rand(2, 3, 32, 32)).shape == (2, 32)
     with pytest.raises(ValueError, match="pretrained with patch size 4, not 8; .*--patch 8"):
-        M.load_encoder(str(tmp_path / "ckpt.pt"), patch_size=8)
+        engine.load_encoder(str(tmp_path / "ckpt.pt"), patch_size=8)
     with pytest.raises(ValueError, match="image size 18 is not divisible by the checkpoint's patch size 4"):
-        M.load_encoder(str(tmp_path / "ckpt.pt"), img_size=18)
+        engine.load_encoder(str(tmp_path / "ckpt.pt"), img_size=18)
 
 
 def test_missing_or_foreign_checkpoint_gives_a_clear_error(tmp_path, capsys):
@@ -94,7 +95,7 @@ def test_missing_or_foreign_checkpoint_gives_a_clear_error(tmp_path, capsys):
     assert "make one with `python train.py --out" in capsys.readouterr().err
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint written by train.py"):
-        M.load_encoder(str(tmp_path / "other.pt"))
+        engine.load_encoder(str(tmp_path / "other.pt"))
 
 
 def test_probe_script_beats_chance_on_an_easy_folder(tmp_path):

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import engine
 import model as M
 import train
 
@@ -38,7 +39,7 @@ def test_mae_baseline_trains_through_the_same_script(tmp_path):
 def test_checkpoint_resume_round_trips(tmp_path):
     out = str(tmp_path / "run")
     model = train.main(TINY + ["--epochs", "1", "--out", out])
-    loaded, ckpt = M.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    loaded, ckpt = engine.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert ckpt["epoch"] == 0 and ckpt["step"] == 10 and ckpt["config"] == model.cfg
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import engine
 import data
 import model as M
 import splat
@@ -33,7 +34,7 @@ def read_log(out):
 
 
 def weights(out):
-    return M.read_checkpoint(os.path.join(out, "checkpoint.pt"))["model"]
+    return engine.read_checkpoint(os.path.join(out, "checkpoint.pt"))["model"]
 
 
 def max_difference(a, b):
@@ -105,7 +106,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     train.main(args + ["--out", str(tmp_path / "one")])
     diff = max_difference(weights(tmp_path / "ddp"), weights(tmp_path / "one"))
     torch.manual_seed(0)  # train.py's --seed: the initial weights
-    moved = max_difference(weights(tmp_path / "one"), M.GMAE(M.read_checkpoint(
+    moved = max_difference(weights(tmp_path / "one"), M.GMAE(engine.read_checkpoint(
         str(tmp_path / "one" / "checkpoint.pt"))["config"]).state_dict())
     print(f"DDP (2 x batch 4) vs 1 process (batch 8) after 4 AdamW steps: max |w1 - w2| = {diff:.2e} "
           f"(training moved weights by up to {moved:.2e})")
@@ -150,7 +151,7 @@ def test_sigterm_saves_then_exits_and_resume_is_bit_identical(tmp_path, monkeypa
     with pytest.raises(SystemExit) as stop:
         train.main(args + ["--out", out])
     assert stop.value.code == 128 + signal.SIGTERM
-    ckpt = M.read_checkpoint(os.path.join(out, "checkpoint.pt"))
+    ckpt = engine.read_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_images"]) == (1, 11, 3 * 8)  # the step finished, then saved
     assert signal.getsignal(signal.SIGTERM) is handler  # main's handler is gone again
 
@@ -169,7 +170,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     out = str(tmp_path / "killed")
     killed = run_script(tmp_path, args + ["--out", out], KILL_AT_CALL=14)  # step 14 of 16: last save at 12
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    ckpt = M.read_checkpoint(os.path.join(out, "checkpoint.pt"))
+    ckpt = engine.read_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_images"]) == (1, 12, 4 * 8)
     assert not os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))
     train.main(args + ["--out", out, "--resume"])
@@ -225,7 +226,7 @@ def test_bf16_autocast_training_is_finite_and_the_loss_falls(tmp_path):
     log = read_log(out)
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in log)
     assert log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
-    ckpt = M.read_checkpoint(os.path.join(out, "checkpoint.pt"))
+    ckpt = engine.read_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values())  # autocast keeps float32 weights
 
 

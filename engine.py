@@ -1,0 +1,262 @@
+"""
+The stage scripts' shared plumbing: checkpoints, RNG state, torchrun process groups and DDP, the lr schedule
+and parameter groups, and the pretrained encoder as a feature extractor. The model itself is model.py; this
+file is what train.py, probe.py, finetune.py and zeroshot.py need around it (MAE keeps the same pieces in
+util/misc.py, util/lr_sched.py and util/lr_decay.py).
+
+    save_checkpoint / read_checkpoint / load_checkpoint     atomic writes, clear errors, the model rebuilt
+    rng_states / set_rng_states                             every RNG a step draws from, for exact resume
+    distributed / wrap_ddp / unwrap / all_reduce_sum        torchrun's process group (no-ops in one process)
+    param_groups / lr_at / set_lr                           AdamW groups, warmup + cosine per iteration
+    load_encoder / encode / topk_accuracy                   frozen or fine-tuned encoder features
+
+Try it: python -c "import engine; print(engine.lr_at(50, 100, 10, 1e-3, 0.0))"
+"""
+import contextlib
+import math
+import os
+import random
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from model import GMAE, Encoder, GMAEConfig, normalize
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints (written by train.py, read by every later stage)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be used: truncated, not a torch file, or not GMAE's."""
+
+
+def save_checkpoint(path, model, optimizer, cfg, epoch, step, extra=None):
+    """Write {model, optimizer, config, epoch, step} plus the entries of `extra` (train.py adds the position
+    in the epoch, the GradScaler and the RNG states) atomically: to path.tmp, flushed to disk, then renamed
+    over path. A crash, SIGKILL or full disk mid-write leaves the previous checkpoint as it was."""
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
+                 "epoch": epoch, "step": step, **(extra or {})}, path)
+
+
+def atomic_save(state, path):
+    """torch.save(state) to path.tmp, flushed to disk, then renamed over path: a crash, SIGKILL or full disk
+    mid-write leaves the previous file at path as it was."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict with its config as a GMAEConfig; a clear error when there is none."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: make one with `python train.py --out {os.path.dirname(path) or '.'}`")
+    try:  # weights_only: tensors, numbers, strings and containers only; a foreign pickle runs no code
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # zip, pickle and EOF errors, depending on where the file was cut
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path} cannot be read as a checkpoint (truncated, or not written by torch.save): "
+                              f"{type(e).__name__}: {reason}. Delete it, or resume from an older copy") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py or finetune.py (no 'model' and 'config')")
+    names = {f.name for f in fields(GMAEConfig)}
+    try:
+        ckpt["config"] = GMAEConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} holds an invalid config: {e}") from None
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a checkpoint and rebuild its model. Returns (model, checkpoint dict)."""
+    ckpt = read_checkpoint(path, device)
+    cfg = ckpt["config"]
+    model = GMAE(cfg).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
+
+
+def rng_states():
+    """Every RNG a training step can draw from (torch CPU, the current CUDA device, numpy, python), as plain
+    tensors and tuples so that read_checkpoint's weights_only loading accepts them. For exact resume."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos,
+              has_gauss, cached), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states):
+    """Restore what rng_states() returned."""
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed training, shared by train.py, probe.py and finetune.py (PyTorch DDP launched by torchrun)
+#
+# `torchrun --nproc_per_node N script.py` starts N copies of a script and describes the job in environment
+# variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Each copy joins one process group,
+# wraps its model in DistributedDataParallel (which averages gradients over the copies in backward) and
+# reads its own share of every batch (data.make_loader). Plain `python script.py` has no WORLD_SIZE: no
+# process group is made and every helper below is a no-op.
+
+
+def init_distributed(device):
+    """Join torchrun's process group if there is one. Returns (rank, world_size, device): nccl and GPU
+    LOCAL_RANK on CUDA, gloo on CPU; (0, 1, device) for a plain single-process run."""
+    device = torch.device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.barrier()  # no copy leaves while another still writes or reduces
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(device):
+    """`with distributed(args.device) as (rank, world_size, device):` the body of a script's main, inside
+    torchrun's process group when there is one (init_distributed), left cleanly on the way out."""
+    rank, world_size, device = init_distributed(device)
+    try:
+        yield rank, world_size, device
+    finally:
+        cleanup_distributed()
+
+
+def wrap_ddp(model, device):
+    """DistributedDataParallel(model) inside a process group, else model unchanged."""
+    if not dist.is_initialized():
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model):
+    """The plain module inside DDP: what checkpoints, evaluation and PNGs use."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of numbers over all processes (one all-reduce); the list itself when single-process."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every process; [obj] when single-process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipe pieces shared by train.py, probe.py and finetune.py (MAE util/lr_sched.py, util/lr_decay.py)
+
+NO_DECAY = ("cls_token", "pos_embed", "queries", "mask_token")
+
+
+def skips_weight_decay(name, param):
+    """Biases, norms (1-D tensors), tokens and position embeddings get no weight decay (MAE)."""
+    return param.ndim <= 1 or name.split(".")[-1] in NO_DECAY
+
+
+def param_groups(model, weight_decay):
+    """Two AdamW groups: [decay, no decay] (see skips_weight_decay)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if skips_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def set_lr(optimizer, lr):
+    """Give every parameter group lr x its "lr_scale" (finetune.py's layer-wise decay; 1 when absent)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def lr_at(step, total_steps, warmup_steps, lr, min_lr):
+    """Linear warmup then half-cycle cosine, per iteration (MAE util/lr_sched.py)."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pretrained encoder as a feature extractor (probe.py, finetune.py)
+
+
+def load_encoder(path, img_size=None, patch_size=None, drop_path=0.0, device="cpu"):
+    """The encoder of a checkpoint written by train.py (GMAE or MAE alike: both decoders sit on the same
+    Encoder) or by finetune.py. Returns (encoder, cfg); cfg.img_size is the size the encoder now takes.
+
+    img_size other than the checkpoint's: the position embedding is fixed 2-D sin-cos and never trained, so
+    it is recomputed for the new patch grid (patch i still sits at grid position i, as in pretraining);
+    every trained weight loads unchanged. A different patch size cannot reuse the patch embedding, so asking
+    for one (patch_size) is an error that says to pretrain with that --patch.
+    """
+    ckpt = read_checkpoint(path, device)
+    cfg = ckpt["config"]
+    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    if not state:
+        raise ValueError(f"{path} holds no encoder weights (no 'encoder.*' entries); pass a checkpoint from train.py")
+    if patch_size is not None and patch_size != cfg.patch_size:
+        raise ValueError(f"{path} was pretrained with patch size {cfg.patch_size}, not {patch_size}; its patch "
+                         f"embedding does not fit: pretrain with `python train.py --patch {patch_size}`")
+    if img_size is not None and img_size != cfg.img_size:
+        if img_size % cfg.patch_size:
+            raise ValueError(f"image size {img_size} is not divisible by the checkpoint's patch size "
+                             f"{cfg.patch_size}; pick a multiple of {cfg.patch_size} or pretrain at that size")
+        cfg = GMAEConfig(**{**asdict(cfg), "img_size": img_size})
+    encoder = Encoder(cfg, drop_path=drop_path).to(device)
+    state["pos_embed"] = encoder.pos_embed.detach().clone()  # fixed sin-cos of this grid, equal when unchanged
+    encoder.load_state_dict(state)
+    return encoder, cfg
+
+
+def encode(encoder, imgs, pool="cls"):
+    """Images [B, 3, H, W] in [0, 1] -> features [B, D] of the whole image (mask 0).
+
+    pool="cls": the normalised cls token (MAE's linear probe); "mean": the mean of the normalised patch
+    tokens (MAE's fine-tuning uses global pooling)."""
+    latents = encoder(normalize(imgs))[0]  # [B, 1 + N, D]
+    if pool == "cls":
+        return latents[:, 0]
+    if pool == "mean":
+        return latents[:, 1:].mean(dim=1)
+    raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+
+
+def topk_accuracy(scores, labels, ks=(1, 5)):
+    """Percent of rows of scores [V, C] whose true label [V] is among the k highest, for k = 1 and each k < C
+    (top-C is always 100, so it is left out)."""
+    ks = [k for k in ks if k == 1 or k < scores.shape[1]]
+    hits = scores.topk(max(ks), dim=1).indices == labels[:, None]  # [V, k_max]
+    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
