@@ -15,7 +15,8 @@ compares renders with [0, 1] pixels (../shared/DESIGN.md 1).
    `scene(i)` also gives the ground truth for zero-shot evaluation (zeroshot.py):
        layers [H, W] id of the visible shape (0 background, higher = nearer), mask = foreground pixels,
        boundary = pixels whose layer id differs from the right or lower neighbour.
-2. ImageFolderDataset (root/<class>/<image>) and FlatFolderDataset (all images under a folder, label -1).
+2. ImageFolderDataset (root/<class>/<image>) and FlatFolderDataset (all images under a folder, label -1);
+   labelled_splits gives probe.py and finetune.py a train and a val split with the same classes.
    Any PIL mode is read as 8-bit RGB (to_rgb: grayscale, CMYK, palette, 16-bit scaled, transparency on
    white). A file that cannot be decoded (missing, corrupt, truncated) gives item None and one warning;
    make_loader's collate drops it, so a long run never stops on one bad file.
@@ -456,6 +457,24 @@ def build_dataset(data, img_size, train=True, n_synthetic=None, seed=0, augment=
     _check_dir(root)
     loose = any(_is_image(f) for f in os.listdir(root))
     return FlatFolderDataset(root, transform) if loose else ImageFolderDataset(root, transform)
+
+
+def labelled_splits(data, img_size, n_train=None, n_val=None, seed=0, augment=None):
+    """(train_set, val_set, classes) of a labelled dataset, for probe.py and finetune.py: build_dataset's train
+    and val splits (n_train / n_val synthetic scenes; augment as build_dataset, for the train split) and their
+    class names. Raises ValueError when a split has no class folders or the two splits' classes differ."""
+    train_set = build_dataset(data, img_size, train=True, n_synthetic=n_train, seed=seed, augment=augment)
+    val_set = build_dataset(data, img_size, train=False, n_synthetic=n_val, seed=seed)
+    for split in (train_set, val_set):
+        if not split.num_classes:
+            raise ValueError(f"{split.root} has no class folders, so no labels to learn or score; "
+                             f"use root/{{train,val}}/<class>/<image>")
+    if train_set.classes != val_set.classes:
+        only_train = sorted(set(train_set.classes) - set(val_set.classes))
+        only_val = sorted(set(val_set.classes) - set(train_set.classes))
+        raise ValueError(f"train and val classes of {data} differ (only in train: {only_train}, only in val: "
+                         f"{only_val}); both need the same root/{{train,val}}/<class> folders")
+    return train_set, val_set, train_set.classes
 
 
 # ----------------------------------------------------------------------------- loaders: shards, resume, skips

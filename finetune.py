@@ -36,9 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import build_dataset, collate_skip_broken, make_loader
+from data import collate_skip_broken, labelled_splits, make_loader
 from model import Encoder, GMAEConfig
-from engine import all_reduce_sum, distributed, encode, load_encoder, lr_at, read_checkpoint, skips_weight_decay, topk_accuracy, wrap_ddp
+from engine import (all_reduce_sum, atomic_save, distributed, encode, load_encoder, lr_at, read_checkpoint, set_lr,
+                    skips_weight_decay, topk_accuracy, wrap_ddp)
 
 
 class Classifier(nn.Module):
@@ -146,11 +147,82 @@ def evaluate(model, loader, device):
 
 
 def save_classifier(path, model, cfg, num_classes, classes, epoch, metrics):
-    """Atomic write. "model" holds encoder.* and head.* weights, so engine.load_encoder reads the encoder back."""
-    tmp = path + ".tmp"
-    torch.save({"model": model.state_dict(), "config": asdict(cfg), "kind": "finetune", "num_classes": num_classes,
-                "classes": classes, "pool": model.pool, "epoch": epoch, "metrics": metrics}, tmp)
-    os.replace(tmp, path)
+    """engine.atomic_save. "model" holds encoder.* and head.* weights, so engine.load_encoder reads the encoder back."""
+    atomic_save({"model": model.state_dict(), "config": asdict(cfg), "kind": "finetune", "num_classes": num_classes,
+                 "classes": classes, "pool": model.pool, "epoch": epoch, "metrics": metrics}, path)
+
+
+def train_one_epoch(model, loader, optimizer, schedule, step, num_classes, mixup=0.8, cutmix=1.0, smoothing=0.1,
+                    clip_grad=0.0, device="cpu", desc="", show=True):
+    """One pass over loader with mixed batches and soft cross-entropy; the lr follows engine.lr_at(step,
+    *schedule) per iteration, scaled per group by its layer-decay lr_scale (engine.set_lr).
+    schedule: (total steps, warmup steps, peak lr, min lr). Returns (summed loss, images seen, next step)."""
+    model.train()
+    loss_sum, seen = 0.0, 0
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not show):
+        if batch is None:  # every file of the batch was unreadable (data.collate_skip_broken)
+            continue
+        imgs, targets = mix_batch(*batch, num_classes, mixup, cutmix, smoothing)
+        set_lr(optimizer, lr_at(step, *schedule))
+        loss = soft_cross_entropy(model(imgs.to(device)), targets.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        step += 1
+        loss_sum += loss.item() * imgs.shape[0]
+        seen += imgs.shape[0]
+    return loss_sum, seen, step
+
+
+def finetune(encoder, cfg, train_set, val_set, out, pool="mean", epochs=10, warmup_epochs=1, batch_size=64,
+             blr=1e-3, min_lr=1e-6, weight_decay=0.05, layer_decay=0.65, mixup=0.8, cutmix=1.0, smoothing=0.1,
+             clip_grad=0.0, workers=0, seed=0, rank=0, world_size=1, device="cpu", name="pretrained"):
+    """The recipe: Classifier on encoder, AdamW with layer-decay groups, warmup + cosine, mixup / cutmix; rank 0
+    evaluates every epoch and writes finetune_last.pt and finetune_best.pt into out. Returns (history, best) of
+    per-epoch metrics on rank 0, None elsewhere. batch_size is per process; lr follows the global batch."""
+    device = torch.device(device)
+    os.makedirs(out, exist_ok=True)
+    num_classes = train_set.num_classes
+    model = Classifier(encoder, cfg.enc_dim, num_classes, pool).to(device)
+    ddp_model = wrap_ddp(model, device)  # = model for one process
+    if world_size > 1:
+        torch.manual_seed(seed + rank)  # own mixup, cutmix, drop path and crops per process
+    # Each process reads its shard of every epoch's permutation (data.make_loader); rank 0 evaluates and saves.
+    train_loader, sampler = make_loader(train_set, batch_size, rank, world_size, seed=seed, workers=workers)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=workers,
+                                             collate_fn=collate_skip_broken)
+    lr = blr * batch_size * world_size / 256  # the global batch
+    groups = layer_decay_groups(model, weight_decay, layer_decay, cfg.enc_depth)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr)
+    schedule = (epochs * len(train_loader), int(warmup_epochs * len(train_loader)), lr, min_lr)
+    if rank == 0:
+        print(f"{name} ({cfg.decoder} pretraining, {cfg.enc_dim}x{cfg.enc_depth}), {len(train_set)} train / "
+              f"{len(val_set)} val images, {num_classes} classes, lr {lr:.2e}, out {out}")
+
+    history, best, step = [], None, 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        loss_sum, seen, step = train_one_epoch(ddp_model, train_loader, optimizer, schedule, step, num_classes, mixup,
+                                               cutmix, smoothing, clip_grad, device, f"epoch {epoch + 1}/{epochs}",
+                                               show=rank == 0)
+        loss_sum, seen = all_reduce_sum([loss_sum, seen], device)  # over all processes
+        if rank != 0:
+            continue
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / seen, **evaluate(model, val_loader, device)}
+        history.append(metrics)
+        print(" ".join(f"{k} {v:.4f}" if k == "train_loss" else f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in metrics.items()))
+        save_classifier(os.path.join(out, "finetune_last.pt"), model, cfg, num_classes, train_set.classes, epoch, metrics)
+        if best is None or metrics["top1"] > best["top1"]:
+            best = metrics
+            save_classifier(os.path.join(out, "finetune_best.pt"), model, cfg, num_classes, train_set.classes, epoch, metrics)
+    return (history, best) if rank == 0 else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Script
 
 
 def get_args(argv=None):
@@ -192,93 +264,45 @@ def get_args(argv=None):
     return p, args
 
 
-def build_encoder(args):
-    """(encoder, cfg): the checkpoint's encoder, or with --from-scratch a fresh one of the same size."""
-    if not args.from_scratch:
-        return load_encoder(args.ckpt, img_size=args.img_size, drop_path=args.drop_path)
-    cfg = read_checkpoint(args.ckpt)["config"] if os.path.isfile(args.ckpt) else GMAEConfig()
-    if args.img_size is not None:
-        cfg = GMAEConfig(**{**asdict(cfg), "img_size": args.img_size})
-    return Encoder(cfg, drop_path=args.drop_path), cfg
+def build_encoder(ckpt, from_scratch=False, img_size=None, drop_path=0.0):
+    """(encoder, cfg): the checkpoint's encoder, or from_scratch a fresh one of the same size (the tiny default
+    size when there is no checkpoint). Raises FileNotFoundError, ValueError or engine.CheckpointError."""
+    if not from_scratch:
+        return load_encoder(ckpt, img_size=img_size, drop_path=drop_path)
+    cfg = read_checkpoint(ckpt)["config"] if os.path.isfile(ckpt) else GMAEConfig()
+    if img_size is not None:
+        cfg = GMAEConfig(**{**asdict(cfg), "img_size": img_size})
+    return Encoder(cfg, drop_path=drop_path), cfg
+
+
+def default_out(ckpt, from_scratch):
+    """finetune/ (or finetune_scratch/) beside the checkpoint."""
+    return os.path.join(os.path.dirname(ckpt) or ".", "finetune_scratch" if from_scratch else "finetune")
 
 
 def main(argv=None):
     """One process, or DistributedDataParallel under torchrun (as train.py; lr from the global batch)."""
     parser, args = get_args(argv)
     with distributed(args.device) as (rank, world_size, device):
-        return finetune(parser, args, rank, world_size, device)
-
-
-def finetune(parser, args, rank=0, world_size=1, device="cpu"):
-    torch.manual_seed(args.seed)
-    device = torch.device(device)
-    try:
-        encoder, cfg = build_encoder(args)
-        train_set = build_dataset(args.data, cfg.img_size, train=True, n_synthetic=args.n_synthetic, seed=args.seed)
-        val_set = build_dataset(args.data, cfg.img_size, train=False, n_synthetic=args.n_val, seed=args.seed)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(str(e))
-    if not train_set.num_classes or train_set.classes != val_set.classes:
-        parser.error(f"{args.data} needs the same class folders in train/ and val/ (root/{{train,val}}/<class>/<image>)")
-    if len(train_set) < args.batch_size * world_size:
-        parser.error(f"the training split has {len(train_set)} images, fewer than --batch-size {args.batch_size} x "
-                     f"{world_size} processes")
-    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "finetune_scratch" if args.from_scratch else "finetune")
-    os.makedirs(out, exist_ok=True)
-
-    num_classes = train_set.num_classes
-    model = Classifier(encoder, cfg.enc_dim, num_classes, args.pool).to(device)
-    ddp_model = wrap_ddp(model, device)  # = model for one process
-    if world_size > 1:
-        torch.manual_seed(args.seed + rank)  # own mixup, cutmix, drop path and crops per process
-    # Each process reads its shard of every epoch's permutation (data.make_loader); rank 0 evaluates and saves.
-    train_loader, sampler = make_loader(train_set, args.batch_size, rank, world_size, seed=args.seed,
-                                        workers=args.workers)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=args.workers,
-                                             collate_fn=collate_skip_broken)
-    lr = args.blr * args.batch_size * world_size / 256  # the global batch
-    groups = layer_decay_groups(model, args.weight_decay, args.layer_decay, cfg.enc_depth)
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr)
-    total_steps = args.epochs * len(train_loader)
-    warmup_steps = int(args.warmup_epochs * len(train_loader))
-    if rank == 0:
-        print(f"{'from scratch' if args.from_scratch else args.ckpt} ({cfg.decoder} pretraining, {cfg.enc_dim}x{cfg.enc_depth}), "
-              f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, lr {lr:.2e}, out {out}")
-
-    history, best, step = [], None, 0
-    for epoch in range(args.epochs):
-        model.train()
-        sampler.set_epoch(epoch)
-        loss_sum, seen = 0.0, 0
-        for batch in tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=rank != 0):
-            if batch is None:  # every file of the batch was unreadable (data.collate_skip_broken)
-                continue
-            imgs, targets = mix_batch(*batch, num_classes, args.mixup, args.cutmix, args.smoothing)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, warmup_steps, lr, args.min_lr) * group["lr_scale"]
-            loss = soft_cross_entropy(ddp_model(imgs.to(device)), targets.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-            step += 1
-            loss_sum += loss.item() * imgs.shape[0]
-            seen += imgs.shape[0]
-        loss_sum, seen = all_reduce_sum([loss_sum, seen], device)  # over all processes
-        if rank != 0:
-            continue
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / seen, **evaluate(model, val_loader, device)}
-        history.append(metrics)
-        print(" ".join(f"{k} {v:.4f}" if k == "train_loss" else f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                       for k, v in metrics.items()))
-        save_classifier(os.path.join(out, "finetune_last.pt"), model, cfg, num_classes, train_set.classes, epoch, metrics)
-        if best is None or metrics["top1"] > best["top1"]:
-            best = metrics
-            save_classifier(os.path.join(out, "finetune_best.pt"), model, cfg, num_classes, train_set.classes, epoch, metrics)
-
-    if rank != 0:
-        return None
+        torch.manual_seed(args.seed)  # a from-scratch encoder's init, then the head's
+        try:
+            encoder, cfg = build_encoder(args.ckpt, args.from_scratch, args.img_size, args.drop_path)
+            train_set, val_set, _ = labelled_splits(args.data, cfg.img_size, args.n_synthetic, args.n_val, args.seed)
+        except (FileNotFoundError, ValueError) as e:  # engine.CheckpointError is a ValueError
+            parser.error(str(e))
+        if len(train_set) < args.batch_size * world_size:
+            parser.error(f"the training split has {len(train_set)} images, fewer than --batch-size {args.batch_size} "
+                         f"x {world_size} processes")
+        out = args.out or default_out(args.ckpt, args.from_scratch)
+        trained = finetune(encoder, cfg, train_set, val_set, out, pool=args.pool, epochs=args.epochs,
+                           warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, blr=args.blr,
+                           min_lr=args.min_lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
+                           mixup=args.mixup, cutmix=args.cutmix, smoothing=args.smoothing, clip_grad=args.clip_grad,
+                           workers=args.workers, seed=args.seed, rank=rank, world_size=world_size, device=device,
+                           name="from scratch" if args.from_scratch else args.ckpt)
+    if trained is None:
+        return None  # not rank 0
+    history, best = trained
     result = {"ckpt": None if args.from_scratch else args.ckpt, "from_scratch": args.from_scratch, "decoder": cfg.decoder,
               "data": args.data, "best": best, "last": history[-1], "history": history,
               "args": {k: v for k, v in vars(args).items() if k not in ("device", "out")}}

@@ -36,9 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import build_dataset, collate_skip_broken
+from data import collate_skip_broken, labelled_splits
 from model import Encoder
-from engine import distributed, encode, gather_objects, load_encoder, lr_at, topk_accuracy
+from engine import distributed, encode, gather_objects, load_encoder, lr_at, set_lr, topk_accuracy
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,14 +138,49 @@ def train_linear_probe(feats, labels, num_classes, epochs=90, batch_size=256, bl
         order = torch.randperm(feats.shape[0], generator=gen)
         for i in range(steps_per_epoch):
             idx = order[i * batch_size : (i + 1) * batch_size]
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, warmup, lr, 0.0)
+            set_lr(opt, lr_at(step, total, warmup, lr, 0.0))
             loss = F.cross_entropy(head(feats[idx]), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
     return head.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Both readings
+
+
+def probe(encoder, train_set, val_set, pool="cls", knn=20, temperature=0.07, epochs=90, warmup_epochs=10,
+          batch_size=256, blr=0.1, optimizer="sgd", weight_decay=0.0, seed=0, workers=0, rank=0, world_size=1,
+          device="cpu"):
+    """Both readings of a frozen encoder on labelled splits: {"linear": {top1, top5, ...}, "knn": {...}}, each
+    left out when its epochs / k is 0. Features are extracted in shards by every process; the probes run on
+    rank 0, which returns the scores (None elsewhere)."""
+    shard = dict(rank=rank, world_size=world_size)
+    train_feats, train_labels = extract_features(encoder, train_set, pool, 256, workers, device, "train features",
+                                                 **shard)
+    val_feats, val_labels = extract_features(encoder, val_set, pool, 256, workers, device, "val features", **shard)
+    if rank != 0:
+        return None  # the probes are cheap on cached features: rank 0 trains and scores them
+    num_classes, scores = train_set.num_classes, {}
+    if epochs > 0:
+        head = train_linear_probe(train_feats, train_labels, num_classes, epochs, batch_size, blr, optimizer,
+                                  weight_decay, warmup_epochs, seed)
+        with torch.no_grad():
+            scores["linear"] = topk_accuracy(head(val_feats), val_labels)
+        scores["linear"].update(epochs=epochs, batch_size=batch_size, blr=blr, optimizer=optimizer)
+    if knn > 0:
+        votes = knn_scores(train_feats, train_labels, val_feats, num_classes, knn, temperature)
+        scores["knn"] = {**topk_accuracy(votes, val_labels), "k": knn, "temperature": temperature}
+    return scores
+
+
+def print_scores(scores):
+    """`linear probe   top-1 XX.X  top-5 XX.X` and the same for k-NN."""
+    for name, r in scores.items():
+        label = "linear probe" if name == "linear" else f"k-NN (k={r['k']})"
+        print(f"{label:14s} top-1 {r['top1']:.1f}" + (f"  top-5 {r['top5']:.1f}" if "top5" in r else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -187,64 +222,41 @@ def get_args(argv=None):
     return p, args
 
 
-def default_out(args):
-    data = "synthetic" if args.data == "synthetic" else os.path.basename(os.path.normpath(args.data))
-    name = f"probe_{data}" + ("_mean" if args.pool == "mean" else "") + ("_random" if args.random_init else "")
-    return os.path.join(os.path.dirname(args.ckpt) or ".", name + ".json")
+def default_out(ckpt, data, pool, random_init):
+    """probe_<data>[_mean][_random].json beside the checkpoint."""
+    data = "synthetic" if data == "synthetic" else os.path.basename(os.path.normpath(data))
+    name = f"probe_{data}" + ("_mean" if pool == "mean" else "") + ("_random" if random_init else "")
+    return os.path.join(os.path.dirname(ckpt) or ".", name + ".json")
 
 
 def main(argv=None):
     """One process, or under torchrun: features extracted in shards by all processes, probes on rank 0."""
     parser, args = get_args(argv)
     with distributed(args.device) as (rank, world_size, device):
-        return probe(parser, args, rank, world_size, device)
-
-
-def probe(parser, args, rank=0, world_size=1, device="cpu"):
-    device = torch.device(device)
-    try:
-        encoder, cfg = load_encoder(args.ckpt, img_size=args.img_size, device=device)
-        train_set = build_dataset(args.data, cfg.img_size, train=True, n_synthetic=args.n_synthetic,
-                                  seed=args.seed, augment=False)  # each image once, as the model sees it at test time
-        val_set = build_dataset(args.data, cfg.img_size, train=False, n_synthetic=args.n_val, seed=args.seed)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(str(e))
-    if not train_set.num_classes or not val_set.num_classes:
-        parser.error(f"{args.data} has no class folders, so no labels to probe; use root/{{train,val}}/<class>/<image>")
-    if train_set.classes != val_set.classes:
-        parser.error(f"train and val classes differ: {train_set.classes} vs {val_set.classes}")
-    if args.random_init:
-        torch.manual_seed(args.seed)
-        encoder = Encoder(cfg).to(device)
-    num_classes = train_set.num_classes
-    if rank == 0:
-        print(f"{'random-init' if args.random_init else args.ckpt} ({cfg.decoder} decoder, {cfg.enc_dim}x{cfg.enc_depth}), "
-              f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, pool {args.pool}")
-
-    shard = dict(rank=rank, world_size=world_size)
-    train_feats, train_labels = extract_features(encoder, train_set, args.pool, 256, args.workers, device,
-                                                 "train features", **shard)
-    val_feats, val_labels = extract_features(encoder, val_set, args.pool, 256, args.workers, device, "val features",
-                                             **shard)
-    if rank != 0:
-        return None  # the probes are cheap on cached features: rank 0 trains, scores and writes them
+        try:
+            encoder, cfg = load_encoder(args.ckpt, img_size=args.img_size, device=device)
+            train_set, val_set, classes = labelled_splits(  # each image once, as the model sees it at test time
+                args.data, cfg.img_size, args.n_synthetic, args.n_val, args.seed, augment=False)
+        except (FileNotFoundError, ValueError) as e:  # engine.CheckpointError is a ValueError
+            parser.error(str(e))
+        if args.random_init:
+            torch.manual_seed(args.seed)
+            encoder = Encoder(cfg).to(device)
+        if rank == 0:
+            print(f"{'random-init' if args.random_init else args.ckpt} ({cfg.decoder} decoder, {cfg.enc_dim}x"
+                  f"{cfg.enc_depth}), {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, "
+                  f"pool {args.pool}")
+        scores = probe(encoder, train_set, val_set, pool=args.pool, knn=args.knn, temperature=args.temperature,
+                       epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
+                       blr=args.blr, optimizer=args.optimizer, weight_decay=args.weight_decay, seed=args.seed,
+                       workers=args.workers, rank=rank, world_size=world_size, device=device)
+    if scores is None:
+        return None  # not rank 0
+    print_scores(scores)
     result = {"ckpt": args.ckpt, "random_init": args.random_init, "decoder": cfg.decoder, "data": args.data,
-              "pool": args.pool, "img_size": cfg.img_size, "num_train": len(train_set), "num_val": len(val_set)}
-    if args.epochs > 0:
-        head = train_linear_probe(train_feats, train_labels, num_classes, args.epochs, args.batch_size, args.blr,
-                                  args.optimizer, args.weight_decay, args.warmup_epochs, args.seed)
-        with torch.no_grad():
-            result["linear"] = topk_accuracy(head(val_feats), val_labels)
-        result["linear"].update(epochs=args.epochs, batch_size=args.batch_size, blr=args.blr, optimizer=args.optimizer)
-    if args.knn > 0:
-        scores = knn_scores(train_feats, train_labels, val_feats, num_classes, args.knn, args.temperature)
-        result["knn"] = {**topk_accuracy(scores, val_labels), "k": args.knn, "temperature": args.temperature}
-    for name in ("linear", "knn"):
-        if name in result:
-            r = result[name]
-            label = "linear probe" if name == "linear" else f"k-NN (k={args.knn})"
-            print(f"{label:14s} top-1 {r['top1']:.1f}" + (f"  top-5 {r['top5']:.1f}" if "top5" in r else ""))
-    out = args.out or default_out(args)
+              "pool": args.pool, "img_size": cfg.img_size, "num_train": len(train_set), "num_val": len(val_set),
+              **scores}
+    out = args.out or default_out(args.ckpt, args.data, args.pool, args.random_init)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {out}")

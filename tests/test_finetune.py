@@ -1,4 +1,12 @@
-"""finetune.py: layer-decay multipliers, mixup / cutmix soft labels, and a short run that beats chance."""
+"""finetune.py: layer-decay multipliers and the lr each group gets, mixup / cutmix soft labels, one-line
+command-line errors, and a short run that beats chance.
+
+    lr of a group = lr_at(step) * layer_decay^(depth + 1 - layer)      (engine.set_lr with its "lr_scale")
+    mixup: x = lam x + (1 - lam) x_rev,  target = lam y + (1 - lam) y_rev,  y = smooth_one_hot(label)
+
+Shapes: B batch, C classes.
+Try it: python -m pytest -q tests/test_finetune.py
+"""
 import json
 import os
 
@@ -8,6 +16,7 @@ import torch
 import engine
 import finetune
 import model as M
+from cli import cli_error
 from labelled_folders import colour_folder
 
 
@@ -29,6 +38,17 @@ def test_layer_decay_groups_get_the_documented_multipliers():
     assert wd["encoder.cls_token"] == 0.0 and wd["head.weight"] == 0.05
     assert "encoder.pos_embed" not in scale  # fixed sin-cos, never trained
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in clf.parameters())
+
+
+def test_each_layer_decay_group_gets_the_scheduled_lr_times_its_scale():
+    clf = finetune.Classifier(M.Encoder(small_config()), 32, 4)
+    groups = finetune.layer_decay_groups(clf, weight_decay=0.05, layer_decay=0.65, depth=2)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=1.0)
+    lr = engine.lr_at(7, 40, 4, 3e-3, 1e-6)
+    engine.set_lr(opt, lr)
+    for g in opt.param_groups:  # the same product, to the bit, as the loop that set g["lr"] by hand before
+        assert g["lr"] == lr * g["lr_scale"] and g["lr_scale"] in (0.65 ** 3, 0.65 ** 2, 0.65, 1.0)
+    assert max(g["lr"] for g in opt.param_groups) == lr  # the head and final norm: scale 1
 
 
 def test_label_smoothing_puts_the_documented_mass_on_each_class():
@@ -66,6 +86,7 @@ def test_finetune_beats_chance_and_keeps_best_and_last(tmp_path):
     out = tmp_path / "finetune"
     for name in ("finetune_best.pt", "finetune_last.pt", "finetune.json"):
         assert os.path.isfile(out / name)
+    assert sorted(os.listdir(out)) == ["finetune.json", "finetune_best.pt", "finetune_last.pt"]  # no .tmp left
     with open(out / "finetune.json") as f:
         assert json.load(f)["best"]["top1"] == result["best"]["top1"]
     enc, _ = engine.load_encoder(str(out / "finetune_best.pt"))  # a fine-tuned encoder reads back for probing
@@ -75,10 +96,23 @@ def test_finetune_beats_chance_and_keeps_best_and_last(tmp_path):
     assert scratch["from_scratch"] and os.path.isfile(tmp_path / "finetune_scratch" / "finetune_last.pt")
 
 
-def test_bad_flags_stop_with_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        finetune.main(["--layer-decay", "1.5"])
-    assert "--layer-decay must be in (0, 1], got 1.5" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        finetune.main(["--ckpt", str(tmp_path / "none.pt")])
-    assert "make one with `python train.py" in capsys.readouterr().err
+def test_bad_flags_and_missing_inputs_stop_with_one_line(tmp_path, capsys):
+    assert cli_error(capsys, finetune.main, ["--layer-decay", "1.5"]) == "--layer-decay must be in (0, 1], got 1.5"
+    msg = cli_error(capsys, finetune.main, ["--ckpt", str(tmp_path / "none.pt")])
+    assert msg.startswith(f"no checkpoint at {tmp_path / 'none.pt'}: make one with `python train.py")
+    data = colour_folder(tmp_path / "colours")  # 4 x 16 training images
+    msg = cli_error(capsys, finetune.main, ["--ckpt", str(tmp_path / "none.pt"), "--from-scratch", "--data", data,
+                                            "--batch-size", "100"])
+    assert msg == "the training split has 64 images, fewer than --batch-size 100 x 1 processes"
+
+
+def test_build_encoder_raises_typed_errors_and_sizes_a_scratch_encoder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make one with `python train.py"):
+        finetune.build_encoder(str(tmp_path / "none.pt"))
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(engine.CheckpointError, match="not a checkpoint written by train.py"):
+        finetune.build_encoder(str(tmp_path / "other.pt"), from_scratch=True)
+    enc, cfg = finetune.build_encoder(str(tmp_path / "none.pt"), from_scratch=True, img_size=32, drop_path=0.2)
+    assert cfg.img_size == 32 and enc.pos_embed.shape[1] == 1 + (32 // cfg.patch_size) ** 2
+    assert enc.blocks[-1].drop_path == pytest.approx(0.2)  # stochastic depth rises to drop_path in the last block
+    assert finetune.default_out("runs/a/checkpoint.pt", True) == "runs/a/finetune_scratch"

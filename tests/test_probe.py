@@ -1,7 +1,16 @@
-"""probe.py and engine.load_encoder: k-NN and top-k by hand, the linear probe, checkpoints of either decoder,
-other image / patch sizes, and the whole script beating chance on an easy labelled folder."""
+"""probe.py, engine.load_encoder and data.labelled_splits: k-NN and top-k by hand, the linear probe, checkpoints
+of either decoder, other image / patch sizes, labelled splits, one-line command-line errors, and the whole
+script beating chance on an easy labelled folder.
+
+    k-NN score(c) = sum over the k most cosine-similar training features of exp(s_j / T) [label_j = c]
+    LARS step of a matrix: lr * 0.001 ||w|| / ||g|| * g;   top-k: % of rows whose label is among the k highest
+
+Shapes: M training features, V validation features, D width, C classes.
+Try it: python -m pytest -q tests/test_probe.py
+"""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +18,8 @@ import torch
 import engine
 import model as M
 import probe
+from cli import cli_error
+from data import labelled_splits
 from labelled_folders import colour_folder
 
 
@@ -90,12 +101,50 @@ def test_other_image_size_recomputes_the_sincos_embedding_and_other_patch_size_i
 
 
 def test_missing_or_foreign_checkpoint_gives_a_clear_error(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        probe.main(["--ckpt", str(tmp_path / "none" / "checkpoint.pt")])
-    assert "make one with `python train.py --out" in capsys.readouterr().err
+    msg = cli_error(capsys, probe.main, ["--ckpt", str(tmp_path / "none" / "checkpoint.pt")])
+    assert msg.startswith("no checkpoint at ") and "make one with `python train.py --out" in msg
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a checkpoint written by train.py"):
+    with pytest.raises(engine.CheckpointError, match="not a checkpoint written by train.py"):
         engine.load_encoder(str(tmp_path / "other.pt"))
+    msg = cli_error(capsys, probe.main, ["--ckpt", str(tmp_path / "other.pt")])
+    assert msg == (f"{tmp_path / 'other.pt'} is not a checkpoint written by train.py or finetune.py "
+                   "(no 'model' and 'config')")
+
+
+def test_bad_flags_stop_with_one_line(capsys):
+    msg = cli_error(capsys, probe.main, ["--knn", "0", "--epochs", "0"])
+    assert msg == "--knn 0 and --epochs 0 leave nothing to evaluate"
+    assert cli_error(capsys, probe.main, ["--temperature", "0"]) == "--temperature must be > 0, got 0.0"
+    assert cli_error(capsys, probe.main, ["--n-val", "0"]) == "--n-val must be >= 1, got 0"
+
+
+def test_labelled_splits_give_both_splits_and_refuse_unlabelled_or_mismatched_folders(tmp_path, capsys):
+    train, val, classes = labelled_splits(colour_folder(tmp_path / "colours"), 16, augment=False)
+    assert classes == train.classes == val.classes == ["c0", "c1", "c2", "c3"]
+    assert (len(train), len(val)) == (4 * 16, 4 * 8) and train[0][0].shape == (3, 16, 16)
+    train, val, classes = labelled_splits("synthetic", 16, n_train=20, n_val=10, seed=3)
+    assert (len(train), len(val), len(classes)) == (20, 10, 10)
+
+    val = Path(colour_folder(tmp_path / "flat")) / "val"  # then val/<class>/<i>.png -> val/<class>_<i>.png
+    for c in ("c0", "c1", "c2", "c3"):
+        for f in (val / c).iterdir():
+            f.rename(val / f"{c}_{f.name}")
+        (val / c).rmdir()
+    with pytest.raises(ValueError, match=r"flat/val has no class folders, so no labels .*root/\{train,val\}/<class>/"):
+        labelled_splits(str(tmp_path / "flat"), 16)
+    colour_folder(tmp_path / "odd")
+    (tmp_path / "odd" / "val" / "c3").rename(tmp_path / "odd" / "val" / "c9")
+    with pytest.raises(ValueError, match=r"differ \(only in train: \['c3'\], only in val: \['c9'\]\)"):
+        labelled_splits(str(tmp_path / "odd"), 16)
+
+    save_ckpt(tmp_path / "checkpoint.pt", small_config())  # the script stops with the same message
+    msg = cli_error(capsys, probe.main, ["--ckpt", str(tmp_path / "checkpoint.pt"), "--data", str(tmp_path / "odd")])
+    assert msg.startswith(f"train and val classes of {tmp_path / 'odd'} differ (only in train: ['c3']")
+
+
+def test_default_out_names_the_data_pool_and_init_beside_the_checkpoint():
+    assert probe.default_out("runs/a/checkpoint.pt", "synthetic", "cls", False) == "runs/a/probe_synthetic.json"
+    assert probe.default_out("checkpoint.pt", "/d/cifar10/", "mean", True) == "./probe_cifar10_mean_random.json"
 
 
 def test_probe_script_beats_chance_on_an_easy_folder(tmp_path):
