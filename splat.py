@@ -160,12 +160,14 @@ def rasterize_torch(means2d, conic, depth, rgb, opacity, H, W, background=1.0):
     t_next = torch.cumprod(one_minus, dim=-1)
     alpha = torch.where(t_next > T_MIN, alpha, torch.zeros_like(alpha))
     one_minus = 1 - alpha
-    t_after = torch.cumprod(one_minus, dim=-1)  # [B, HW, K]
-    t_before = torch.cat([torch.ones_like(t_after[..., :1]), t_after[..., :-1]], dim=-1)
+    # T before each Gaussian and after the last, [B, HW, K + 1]; the leading 1 also makes K = 0 give the
+    # background (as the kernels do), with [B, 0, .] gradients.
+    t = torch.cat([one_minus.new_ones(*one_minus.shape[:-1], 1), torch.cumprod(one_minus, dim=-1)], dim=-1)
+    t_before, t_final = t[..., :-1], t[..., -1:]
 
     weight = t_before * alpha  # [B, HW, K]
     color = weight @ rgb  # [B, HW, 3]
-    image = color + t_after[..., -1:] * background
+    image = color + t_final * background
     return image.transpose(1, 2).reshape(B, 3, H, W)
 
 
@@ -282,8 +284,29 @@ _RASTERIZERS = {
 BACKENDS = ("auto", "torch", "cpu", "cuda")
 
 
+def check_opacity(opacity):
+    """ValueError unless every opacity lies in [0, 1] (NaN passes: every backend skips it alike).
+
+    The rules of DESIGN.md 3 hold for any opacity, but the tiled kernels' culling box is lossless only for
+    opacity <= 1: alpha >= 1/255 needs Mahalanobis distance <= sqrt(2 ln(255 opacity)), beyond 3.33 for
+    opacity > 1. The cpu kernel would drop the pairs outside the box, the cuda kernel only those outside the
+    box's tiles, the reference none, so three backends would give three images. model.gaussian_activation
+    (a sigmoid) never leaves [0, 1]; only raw tensors passed to rasterize can, and they are refused rather
+    than silently clamped. On a GPU the test costs one host sync per call.
+    """
+    bad = (opacity < 0) | (opacity > 1)
+    if bool(bad.any()):
+        values = opacity[bad]
+        raise ValueError(
+            f"opacity must be in [0, 1], got {values.numel()} value(s) in [{values.min().item():.4g}, "
+            f"{values.max().item():.4g}]; pass valid Gaussians (model.gaussian_activation) or clamp them first"
+        )
+
+
 def rasterize(means2d, conic, depth, rgb, opacity, H, W, background=1.0, backend="auto"):
     """Dispatch to a rasterizer backend; all take and return the same tensors.
+
+    opacity [B, K] must lie in [0, 1] (check_opacity: ValueError otherwise).
 
     "auto" picks cuda for CUDA tensors and cpu for CPU tensors and falls back to "torch" with one warning;
     an explicit "cpu" or "cuda" that cannot be built raises RuntimeError with the compiler's message.
@@ -291,6 +314,7 @@ def rasterize(means2d, conic, depth, rgb, opacity, H, W, background=1.0, backend
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_opacity(opacity)
     if backend == "auto":
         backend = _auto_backend(means2d.device)
     dtype = means2d.dtype
@@ -305,6 +329,8 @@ REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
 def render(gaussians, H, W, background=1.0, backend="auto"):
     """Render valid Gaussians [B, K, 14] to images [B, 3, H, W] with the fixed camera.
+
+    Opacity outside [0, 1] is a ValueError (check_opacity); K = 0 gives the background.
 
     Splatting always runs in float32 (or float64 for float64 input), also under mixed precision (--amp):
     autocast is switched off inside, float16 / bfloat16 Gaussians are cast to float32 on the way in and the

@@ -31,6 +31,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <utility>
 #include <vector>
 
 #include "splat_kernel.h"
@@ -105,6 +106,9 @@ std::vector<at::Tensor> bin_gaussians(const Inputs<scalar_t>& in, const at::Tens
                                                                counts.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor ends = at::cumsum(counts, 0);  // inclusive prefix sum: one past each Gaussian's last slot
+  // A host sync every forward (the other is splat.check_opacity): the pair count sizes the buffers below, so
+  // the CPU waits here for the counting kernel and the GPU queue drains. Not yet measured; to be measured on
+  // a GPU with bench.py --device cuda before anything is changed (an upper bound on the count would avoid it).
   const int64_t total = ends[n - 1].item<int64_t>();
   at::Tensor keys = at::empty({total}, long_opts);
   at::Tensor values = at::empty({total}, long_opts.dtype(at::kInt));
@@ -245,6 +249,42 @@ void check_inputs(const at::Tensor& means2d, const at::Tensor& conic, const at::
   TORCH_CHECK(K < (int64_t(1) << 31), "at most 2^31 - 1 Gaussians per image, got ", K);
 }
 
+// The tensors forward saved and the incoming gradient, checked like the inputs: backward indexes them by raw
+// pointer with B, H, W and the tile count taken from them, so a wrong size, dtype, device or layout would read
+// out of bounds instead of failing. Only the values are trusted (they are forward's own).
+void check_saved(const at::Tensor& means2d, const at::Tensor& final_T, const at::Tensor& n_contrib,
+                 const at::Tensor& tile_offsets, const at::Tensor& tile_ids, const at::Tensor& grad_image) {
+  const std::pair<const at::Tensor*, const char*> named[] = {{&final_T, "final_T"}, {&n_contrib, "n_contrib"},
+                                                             {&tile_offsets, "tile_offsets"}, {&tile_ids, "tile_ids"},
+                                                             {&grad_image, "grad_image"}};
+  for (const auto& [t, name] : named) {
+    TORCH_CHECK(t->device() == means2d.device(), "splat backward: ", name, " must be on ", means2d.device(),
+                " like the inputs, got ", t->device());
+    TORCH_CHECK(t->is_contiguous(), "splat backward: ", name, " must be contiguous");
+  }
+  const int64_t B = means2d.size(0);
+  TORCH_CHECK(final_T.dim() == 3 && final_T.size(0) == B, "splat backward: final_T must be [B, H, W] with B = ", B,
+              ", got ", final_T.sizes());
+  const int64_t H = final_T.size(1), W = final_T.size(2);
+  TORCH_CHECK(H > 0 && W > 0, "splat backward: image size must be positive, got ", H, " x ", W);
+  TORCH_CHECK(final_T.scalar_type() == means2d.scalar_type(), "splat backward: final_T must be ",
+              means2d.scalar_type(), " like the inputs, got ", final_T.scalar_type());
+  TORCH_CHECK(n_contrib.scalar_type() == at::kInt && n_contrib.sizes() == final_T.sizes(),
+              "splat backward: n_contrib must be int32 ", final_T.sizes(), ", got ", n_contrib.scalar_type(), " ",
+              n_contrib.sizes());
+  const int64_t n_tiles = ((H + splat::TILE - 1) / splat::TILE) * ((W + splat::TILE - 1) / splat::TILE);
+  TORCH_CHECK(tile_offsets.scalar_type() == at::kLong && tile_offsets.dim() == 1 &&
+                  tile_offsets.size(0) == B * n_tiles + 1,
+              "splat backward: tile_offsets must be int64 [B * n_tiles + 1] = [", B * n_tiles + 1, "], got ",
+              tile_offsets.scalar_type(), " ", tile_offsets.sizes());
+  TORCH_CHECK(tile_ids.scalar_type() == at::kInt && tile_ids.dim() == 1,
+              "splat backward: tile_ids must be int32 [n_entries], got ", tile_ids.scalar_type(), " ",
+              tile_ids.sizes());
+  TORCH_CHECK(grad_image.scalar_type() == means2d.scalar_type() && grad_image.sizes() == at::IntArrayRef({B, 3, H, W}),
+              "splat backward: grad_image must be ", means2d.scalar_type(), " [", B, ", 3, ", H, ", ", W, "], got ",
+              grad_image.scalar_type(), " ", grad_image.sizes());
+}
+
 template <typename scalar_t>
 Inputs<scalar_t> inputs(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
                         const at::Tensor& opacity) {
@@ -288,21 +328,20 @@ at::Tensor backward(const at::Tensor& means2d, const at::Tensor& conic, const at
                     const at::Tensor& tile_offsets, const at::Tensor& tile_ids, const at::Tensor& grad_image,
                     double background) {
   check_inputs(means2d, conic, rgb, opacity);
+  // Sizes, dtypes, devices and layout only: checking the offsets' values would cost a device-to-host copy.
+  check_saved(means2d, final_T, n_contrib, tile_offsets, tile_ids, grad_image);
   const c10::cuda::CUDAGuard guard(means2d.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int B = int(means2d.size(0)), K = int(means2d.size(1));
   const int H = int(final_T.size(1)), W = int(final_T.size(2));
   const Grid grid{H, W, (W + TILE - 1) / TILE, (H + TILE - 1) / TILE};
-  const at::Tensor grad = grad_image.contiguous();
-  TORCH_CHECK(grad.scalar_type() == means2d.scalar_type() && grad.sizes() == at::IntArrayRef({B, 3, H, W}),
-              "grad_image must be [B, 3, H, W] of the inputs' dtype");
   at::Tensor grads = at::zeros({B, K, splat::GRAD_DIM}, means2d.options());
   AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "splat_cuda_backward", [&] {
     if (int64_t(B) * grid.n_tiles() == 0) return;
     backward_kernel<<<B * grid.n_tiles(), BLOCK, 0, stream>>>(
         inputs<scalar_t>(means2d, conic, rgb, opacity), tile_offsets.data_ptr<int64_t>(),
         tile_ids.data_ptr<int32_t>(), K, grid, scalar_t(background), final_T.data_ptr<scalar_t>(),
-        n_contrib.data_ptr<int32_t>(), grad.data_ptr<scalar_t>(), grads.data_ptr<scalar_t>());
+        n_contrib.data_ptr<int32_t>(), grad_image.data_ptr<scalar_t>(), grads.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grads;

@@ -28,7 +28,8 @@
  * the box |dx| <= 3.33 sqrt(Sigma2_xx), |dy| <= 3.33 sqrt(Sigma2_yy) around the mean drops nothing
  * (Sigma2 = conic^-1). Tiles are 16 x 16 pixels; a Gaussian goes into the list of every tile its box meets.
  * Inside the box, a pair with power < -ln(255 opacity) cannot pass the alpha test either; the CPU kernel
- * uses that (power_floor) to skip the exp. Neither shortcut changes a result.
+ * uses that (power_floor) to skip the exp. Neither shortcut changes a result for opacity in [0, 1], which
+ * splat.rasterize enforces (check_opacity): for opacity > 1 the box would cut pairs the reference keeps.
  *
  * The camera lives in splat.project (torch): it gives means, conics and the depth order. Depth reaches the
  * image only through those (a nearer Gaussian has a larger footprint), so the kernels need no camera code

@@ -1,14 +1,79 @@
-"""bench.py: every backend is timed on the same scenes, ratios come out, the dense reference is skipped by size."""
+"""bench.py: every backend is timed on one device, the ratios are the quotients of the times it reports,
+backends that cannot run on the device are skipped, the dense reference is skipped by size."""
+import json
+
+import pytest
+import torch
+
 import bench
 import splat
 
+CPU = torch.device("cpu")
 
-def test_bench_render_times_each_backend_and_skips_the_reference_above_the_memory_limit(monkeypatch):
+
+@pytest.fixture
+def small_scenes(monkeypatch):
     monkeypatch.setattr(bench, "SCENES", [(16, 8), (24, 32)])
+
+
+def test_bench_render_times_each_backend_and_skips_the_reference_above_the_memory_limit(small_scenes):
     backends = [b for b in splat.available_backends() if b != "cuda"]
-    rows = bench.bench_render(backends, batch=2, repeats=1, max_dense_gb=6.0)
+    rows = bench.bench_render(backends, batch=2, repeats=1, max_dense_gb=6.0, device=CPU)
     assert [r["scene"] for r in rows] == ["16x16/8", "24x24/32"]
-    assert all(r["ms"][b] > 0 for r in rows for b in backends)
+    assert all(set(r["ms"]) == set(backends) and all(r["ms"][b] > 0 for b in backends) for r in rows)
     # 6 tensors x 2 x 24*24 x 32 x 4 bytes = 0.88 MB: a 0.0005 GB limit keeps the small scene, drops the large
-    rows = bench.bench_render(backends, batch=2, repeats=1, max_dense_gb=0.0005)
+    rows = bench.bench_render(backends, batch=2, repeats=1, max_dense_gb=0.0005, device=CPU)
     assert rows[0]["ms"]["torch"] > 0 and rows[1]["ms"]["torch"] is None
+    assert rows[1]["speedup"] == {}  # no reference time, no ratio
+
+
+def test_backends_that_cannot_run_on_the_device_are_skipped_with_a_message():
+    backends, skipped = bench.choose_backends(["cuda", "cpu"], CPU)
+    assert backends == ["torch", "cpu"]
+    assert skipped == ["skipping backend 'cuda': it rasterizes cuda tensors, and --device is cpu"]
+    backends, skipped = bench.choose_backends(["cpu", "torch"], torch.device("cuda"))
+    assert backends == ["torch"] and skipped[0].startswith("skipping backend 'cpu'")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(SystemExit, match="torch.cuda.is_available\\(\\) is False"):
+        bench.main(["--device", "cuda", "--quick"])
+
+
+def test_quick_run_on_cpu_reports_every_backend_and_ratios_that_are_the_quotients_of_its_times(
+    small_scenes, tmp_path, capsys
+):
+    path = tmp_path / "bench.json"
+    bench.main(["--device", "cpu", "--splat", "cpu", "cuda", "--quick", "--batch", "2", "--train-batch", "4",
+                "--json", str(path)])
+    out = capsys.readouterr().out
+    assert "skipping backend 'cuda'" in out and "device cpu" in out
+    result = json.loads(path.read_text())
+    assert result["device"] == "cpu" and result["backends"] == ["torch", "cpu"]
+
+    for row in result["render"]:
+        assert set(row["ms"]) == {"torch", "cpu"} and all(ms > 0 for ms in row["ms"].values())
+        assert row["speedup"] == {"cpu": pytest.approx(row["ms"]["torch"] / row["ms"]["cpu"], rel=1e-12)}
+
+    step = result["train_step"]
+    assert (step["batch"], step["img_size"], step["gaussians"]) == (4, 32, 64)  # GMAEConfig.preset("tiny")
+    assert set(step["ms"]) == {"gmae/cpu", "mae"} and all(ms > 0 for ms in step["ms"].values())
+    assert step["ratio_to_mae"] == {"gmae/cpu": pytest.approx(step["ms"]["gmae/cpu"] / step["ms"]["mae"], rel=1e-12)}
+    assert step["render_share"] == {"cpu": pytest.approx(step["render_ms"]["cpu"] / step["ms"]["gmae/cpu"],
+                                                         rel=1e-12)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_quick_run_on_cuda_renders_and_trains_only_on_the_gpu(small_scenes, monkeypatch):
+    devices = set()
+    render = splat.render
+
+    def recording_render(gaussians, *args, **kwargs):
+        devices.add(gaussians.device.type)
+        return render(gaussians, *args, **kwargs)
+
+    monkeypatch.setattr(splat, "render", recording_render)
+    result = bench.main(["--device", "cuda", "--quick", "--batch", "2", "--train-batch", "4"])
+    assert result["device"].startswith("cuda") and devices == {"cuda"}
+    assert "cpu" not in result["backends"] and "torch" in result["render"][0]["ms"]

@@ -307,3 +307,151 @@ def test_training_curve_matches_reference(backend, dtype):
     reference, kernel = losses("torch"), losses(backend)
     assert kernel == pytest.approx(reference, rel=1e-4)
     assert kernel[-1] < 0.5 * kernel[0] and math.isfinite(kernel[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Edge cases every backend must handle alike: no Gaussians, opacity outside [0, 1], malformed backward input.
+
+ALL_BACKENDS = ["torch"] + KERNELS
+
+
+def loaded(backend):
+    if backend != "torch":
+        splat._load_extension(backend)  # a failed cpu build fails the test
+    return backend
+
+
+@pytest.mark.parametrize("name", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_zero_gaussians_render_the_background_with_empty_gradients(name, dtype):
+    backend = loaded(name)
+    g = torch.zeros(2, 0, 14, dtype=dtype, device=device_of(backend), requires_grad=True)
+    image = splat.render(g, 5, 7, background=0.25, backend=backend)
+    assert image.shape == (2, 3, 5, 7) and torch.all(image == 0.25)
+    image.sum().backward()
+    assert g.grad.shape == (2, 0, 14)
+
+
+@pytest.mark.parametrize("name", ALL_BACKENDS)
+def test_zero_images_render_an_empty_batch(name):
+    backend = loaded(name)
+    g = torch.rand(0, 6, 14, dtype=F64, device=device_of(backend), requires_grad=True)
+    image = splat.render(g, 4, 3, backend=backend)
+    assert image.shape == (0, 3, 4, 3)
+    image.sum().backward()
+    assert g.grad.shape == (0, 6, 14)
+
+
+def test_zero_gaussians_agree_across_backends():
+    g = torch.zeros(3, 0, 14, dtype=F64)
+    weights = torch.rand(3, 3, 9, 4, generator=torch.Generator().manual_seed(20), dtype=F64)
+    ref_image, ref_grad = render_and_grad(g, 9, 4, "torch", weights)
+    assert torch.equal(ref_image, torch.ones(3, 3, 9, 4, dtype=F64)) and ref_grad.shape == (3, 0, 14)
+    for backend in splat.available_backends():
+        image, grad = render_and_grad(g, 9, 4, backend, weights)
+        assert torch.equal(image, ref_image) and grad.shape == ref_grad.shape, backend
+
+
+@pytest.mark.parametrize("name", ALL_BACKENDS)
+@pytest.mark.parametrize("bad", [1.5, 1 + 1e-6, -0.2])
+def test_opacity_outside_0_1_is_a_value_error(name, bad):
+    # The culling box is lossless only for opacity <= 1 (splat.check_opacity): above it the cpu kernel (box),
+    # the cuda kernel (whole tiles) and the reference (every pixel) would give three different images.
+    backend = loaded(name)
+    g = splat.random_gaussians(2, 10, generator=torch.Generator().manual_seed(21), dtype=F64).to(device_of(backend))
+    g[1, 3, 13] = bad
+    with pytest.raises(ValueError, match=r"opacity must be in \[0, 1\]"):
+        splat.render(g, 8, 8, backend=backend)
+    means2d, conic, depth, rgb, opacity, _ = splat.project(g, 8, 8)
+    with pytest.raises(ValueError, match=r"opacity must be in \[0, 1\]"):
+        splat.rasterize(means2d, conic, depth, rgb, opacity, 8, 8, backend=backend)
+    g[1, 3, 13] = 1.0  # the bounds themselves are valid
+    g[0, 2, 13] = 0.0
+    image = splat.render(g, 8, 8, backend=backend)
+    g[0, 2, 13] = float("nan")  # NaN passes the check and, like opacity 0, draws nothing
+    assert image.isfinite().all() and torch.equal(splat.render(g, 8, 8, backend=backend), image)
+
+
+def test_opacity_above_one_would_make_the_cpu_kernel_differ_from_the_reference():
+    # Why it is refused: opacity 3 reaches alpha >= 1/255 out to Mahalanobis distance sqrt(2 ln 765) = 3.65,
+    # beyond the 3.33 box, so the reference draws pixels the cpu kernel culls.
+    splat._load_extension("cpu")
+    g = gaussians_from([[0.0, 0.0, 0.0]], [1.0], [[0.0, 0.0, 0.0]], [3.0])
+    means2d, conic, depth, rgb, opacity, _ = splat.project(g, 32, 32)
+    ref = splat.rasterize_torch(means2d, conic, depth, rgb, opacity, 32, 32)
+    cpu = splat._rasterize_kernel("cpu", means2d, conic, depth, rgb, opacity, 32, 32)
+    assert (ref - cpu).abs().max() > 1e-3
+
+
+def test_non_contiguous_upstream_gradient_matches_reference(backend):
+    # A loss read through a permuted view hands backward a non-contiguous grad_image; splat.py makes it contiguous.
+    g = splat.random_gaussians(2, 30, generator=torch.Generator().manual_seed(22), dtype=F64)
+    weights = torch.rand(2, 11, 13, 3, generator=torch.Generator().manual_seed(23), dtype=F64)
+    grads = []
+    for name in ("torch", backend):
+        x = g.to(device_of(name)).requires_grad_()
+        (splat.render(x, 11, 13, backend=name).permute(0, 2, 3, 1) * weights.to(x.device)).sum().backward()
+        grads.append(x.grad.cpu())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)
+
+
+def saved_for_backward(backend, B=2, K=12, H=20, W=18):
+    """The extension, its inputs and what its forward saved, plus a valid grad_image, as a dict."""
+    ext = splat._load_extension(backend)
+    g = splat.random_gaussians(B, K, generator=torch.Generator().manual_seed(24)).to(device_of(backend))
+    means2d, conic, depth, rgb, opacity, _ = splat.project(g, H, W)
+    inputs = [t.contiguous() for t in (means2d, conic, rgb, opacity)]
+    _, final_T, n_contrib, tile_offsets, tile_ids = ext.forward(*inputs, splat.depth_order(depth), H, W, 1.0)
+    saved = dict(final_T=final_T, n_contrib=n_contrib, tile_offsets=tile_offsets, tile_ids=tile_ids,
+                 grad_image=torch.ones(B, 3, H, W, device=g.device))
+    return ext, inputs, saved
+
+
+def call_backward(ext, inputs, saved, **replace):
+    s = saved | replace
+    names = ("final_T", "n_contrib", "tile_offsets", "tile_ids", "grad_image")
+    return ext.backward(*inputs, *(s[n] for n in names), 1.0)
+
+
+def test_backward_accepts_what_forward_saved(backend):
+    ext, inputs, saved = saved_for_backward(backend)
+    assert call_backward(ext, inputs, saved).shape == (2, 12, 9)
+
+
+@pytest.mark.parametrize(
+    "name, make_bad, message",
+    [
+        ("grad_image", lambda t: t[:, :, :-1].contiguous(), r"grad_image must be .*\[2, 3, 20, 18\]"),
+        ("grad_image", lambda t: t.transpose(2, 3).contiguous().transpose(2, 3), "grad_image must be contiguous"),
+        ("grad_image", lambda t: t.double(), "grad_image must be Float"),
+        ("final_T", lambda t: t[:1], r"final_T must be \[B, H, W\] with B = 2"),
+        ("final_T", lambda t: t.double(), "final_T must be Float"),
+        ("final_T", lambda t: t.transpose(1, 2).contiguous().transpose(1, 2), "final_T must be contiguous"),
+        ("n_contrib", lambda t: t.long(), "n_contrib must be int32"),
+        ("n_contrib", lambda t: t[:, :-1].contiguous(), r"n_contrib must be int32 \[2, 20, 18\]"),
+        ("tile_offsets", lambda t: t[:-1], r"tile_offsets must be int64 \[B \* n_tiles \+ 1\] = \[9\]"),
+        ("tile_offsets", lambda t: t.int(), "tile_offsets must be int64"),
+        ("tile_ids", lambda t: t.long(), "tile_ids must be int32"),
+        ("tile_ids", lambda t: t.repeat(2)[::2], "tile_ids must be contiguous"),
+    ],
+)
+def test_backward_rejects_malformed_saved_tensors_and_gradient(backend, name, make_bad, message):
+    ext, inputs, saved = saved_for_backward(backend)
+    with pytest.raises(RuntimeError, match=message):
+        call_backward(ext, inputs, saved, **{name: make_bad(saved[name])})
+
+
+def test_cpu_backward_rejects_tile_offsets_that_disagree_with_tile_ids():
+    ext, inputs, saved = saved_for_backward("cpu")
+    offsets = saved["tile_offsets"].clone()
+    offsets[-1] += 1
+    with pytest.raises(RuntimeError, match=r"tile_offsets must run from 0 to tile_ids.numel\(\)"):
+        call_backward(ext, inputs, saved, tile_offsets=offsets)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to put a saved tensor on the other device")
+def test_cuda_backward_rejects_saved_tensors_on_the_cpu():
+    ext, inputs, saved = saved_for_backward("cuda")
+    for name in saved:
+        with pytest.raises(RuntimeError, match=f"{name} must be on cuda"):
+            call_backward(ext, inputs, saved, **{name: saved[name].cpu()})
