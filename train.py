@@ -38,6 +38,7 @@ Scale and faults (issue 10; README "Many GPUs and machines"):
 """
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -46,47 +47,44 @@ import random
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-import engine
 import splat
-from data import build_dataset, make_loader
-from model import GMAE, GMAEConfig, patchify, reconstruction_metrics, unpatchify
-from engine import CheckpointError, all_reduce_sum, distributed, gather_objects, lr_at, param_groups, read_checkpoint, rng_states, save_checkpoint, set_rng_states, wrap_ddp
-
-# Model sizes: (enc_dim, enc_depth, enc_heads, dec_dim, dec_depth, dec_heads). "base" is the paper's ViT-B
-# with MAE's 512-wide, 8-deep decoder; "tiny" is the laptop default.
-MODEL_SIZES = {
-    "tiny": (192, 6, 3, 128, 2, 4),
-    "small": (384, 12, 6, 256, 4, 8),
-    "base": (768, 12, 12, 512, 8, 16),
-}
+from data import build_dataset, make_loader, to_uint8
+from engine import (CheckpointError, all_reduce_sum, distributed, gather_objects, lr_at, param_groups, read_checkpoint,
+                    rng_states, save_checkpoint, set_lr, set_rng_states, unwrap, wrap_ddp)
+from model import GMAE, MODEL_SIZES, GMAEConfig, patchify, reconstruction_metrics, unpatchify
 
 
-def get_args(argv=None):
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite; the message names the step."""
+
+
+def build_parser():
+    d = GMAEConfig.preset("tiny")  # the laptop defaults live in model.py (LAPTOP_DEFAULTS); the paper's in each help
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="synthetic", help="'synthetic' (embedded, default) or an image folder path")
     p.add_argument("--n-synthetic", type=int, default=2048, help="number of synthetic training scenes")
     p.add_argument("--model", default="tiny", choices=MODEL_SIZES, help="encoder/decoder size (paper: base)")
-    p.add_argument("--img-size", type=int, default=32, help="paper: 224")
-    p.add_argument("--patch", type=int, default=4, help="patch size (paper: 16)")
-    # Laptop defaults (README "Laptop defaults", measured there): a 2-core CPU run of about 4 minutes that
-    # learns well past the mean-colour guess, with depth alive. The paper's values are in each help string.
-    p.add_argument("--gaussians", type=int, default=64, help="number of Gaussians k (paper: 512)")
-    p.add_argument("--mask", type=float, default=0.75, help="mask ratio (paper: 0.75)")
-    p.add_argument("--scale-max", type=float, default=2.0,
+    p.add_argument("--img-size", type=int, default=d.img_size, help="paper: 224")
+    p.add_argument("--patch", type=int, default=d.patch_size, help="patch size (paper: 16)")
+    p.add_argument("--gaussians", type=int, default=d.num_gaussians, help="number of Gaussians k (paper: 512)")
+    p.add_argument("--mask", type=float, default=d.mask_ratio, help="mask ratio (paper: 0.75)")
+    p.add_argument("--scale-max", type=float, default=d.scale_max,
                    help="c in scale = c*sigmoid(s); largest std c*W/16 px (paper: 1, ablates 0.5/2)")
-    p.add_argument("--decoder", default="gaussians", choices=["gaussians", "pixels"], help="GMAE or plain MAE")
-    p.add_argument("--loss-on", default="all", choices=["masked", "all"],
+    p.add_argument("--decoder", default=d.decoder, choices=["gaussians", "pixels"], help="GMAE or plain MAE")
+    p.add_argument("--loss-on", default=d.loss_on, choices=["masked", "all"],
                    help="pixels scored by the loss (paper: masked; whole image is its ablation)")
-    p.add_argument("--norm-pix", action="store_true", help="per-patch normalised targets (hurts GMAE)")
-    p.add_argument("--center-depth", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--norm-pix", action="store_true", default=d.norm_pix,
+                   help="per-patch normalised targets (hurts GMAE)")
+    p.add_argument("--center-depth", action=argparse.BooleanOptionalAction, default=d.center_depth,
                    help="subtract each image's mean raw depth before tanh (departure from the paper; README)")
-    p.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=d.anchors,
                    help="anchored queries: each Gaussian starts at its own grid point (a departure; paper: off)")
     p.add_argument("--splat", default="auto", choices=splat.BACKENDS, help="rasterizer backend")
     p.add_argument("--epochs", type=int, default=20, help="paper: 400")
@@ -110,17 +108,37 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=0,
                    help="also write checkpoint.pt every N steps inside an epoch (0: at the end of each epoch only)")
     p.add_argument("--val-size", type=int, default=256, help="validation images scored after every epoch")
-    return p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None, parser=None):
+    """Flags -> args, every value checked here: a bad one is a one-line parser.error (exit 2)."""
+    p = parser or build_parser()
+    args = p.parse_args(argv)
+    if args.epochs < 1 or args.batch_size < 1 or args.val_size < 1:
+        p.error(f"--epochs, --batch-size and --val-size must be >= 1, got {args.epochs}, {args.batch_size} and "
+                f"{args.val_size}")
+    if args.accum_iter < 1 or args.save_every < 0:
+        p.error(f"--accum-iter must be >= 1 and --save-every >= 0, got {args.accum_iter} and {args.save_every}")
+    if args.amp == "fp16" and torch.device(args.device).type != "cuda":
+        p.error(f"--amp fp16 needs a CUDA device (it relies on a GradScaler), got {args.device}; use --amp bf16")
+    try:
+        config_from_args(args)  # GMAEConfig checks --gaussians, --mask, --img-size / --patch, ...
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
 def config_from_args(args):
-    enc_dim, enc_depth, enc_heads, dec_dim, dec_depth, dec_heads = MODEL_SIZES[args.model]
-    return GMAEConfig(
-        img_size=args.img_size, patch_size=args.patch, enc_dim=enc_dim, enc_depth=enc_depth, enc_heads=enc_heads,
-        dec_dim=dec_dim, dec_depth=dec_depth, dec_heads=dec_heads, mask_ratio=args.mask,
+    """The model's flags -> GMAEConfig (raises ValueError on a bad value)."""
+    return GMAEConfig.preset(
+        args.model, img_size=args.img_size, patch_size=args.patch, mask_ratio=args.mask,
         num_gaussians=args.gaussians, scale_max=args.scale_max, decoder=args.decoder, loss_on=args.loss_on,
-        norm_pix=args.norm_pix, center_depth=args.center_depth, anchors=args.anchors,
-    )
+        norm_pix=args.norm_pix, center_depth=args.center_depth, anchors=args.anchors)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pictures of an epoch, reading batches, SIGTERM
 
 
 def paste_patches(imgs, fill, mask, p):
@@ -132,8 +150,7 @@ def paste_patches(imgs, fill, mask, p):
 def save_grid(path, rows, scale=4):
     """rows: list of [B, 3, H, W] tensors in [0, 1] -> one PNG, one row per tensor, upscaled for viewing."""
     grid = torch.cat([torch.cat(list(r.detach().clamp(0, 1)), dim=2) for r in rows], dim=1)  # [3, rows*H, B*W]
-    arr = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    img = Image.fromarray(arr)
+    img = Image.fromarray(to_uint8(grid))
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
@@ -195,184 +212,240 @@ class Preemption:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def main(argv=None):
-    """Parse flags, join torchrun's process group if launched by torchrun (engine.distributed), train."""
-    args = get_args(argv)
-    with distributed(args.device) as (rank, world_size, device), Preemption() as preemption:
-        return pretrain(args, rank, world_size, device, preemption)
+
+# ---------------------------------------------------------------------------------------------------------
+# Resume, checkpoints and preemption: where a run stands and how it is saved and restored
 
 
-def pretrain(args, rank=0, world_size=1, device="cpu", preemption=None):
+@dataclass
+class Progress:
+    """Where a run stands; with the weights, all a checkpoint needs to continue exactly: `step` optimizer steps so
+    far, `epoch_step` of them in `epoch`, and that epoch's sums so far [loss x images, images, skipped files], so
+    that a resumed epoch logs what an unbroken one would."""
+    epoch: int = 0
+    step: int = 0
+    epoch_step: int = 0
+    sums: list = field(default_factory=lambda: [0.0, 0, 0])
+
+
+def resume_run(path, cfg, model, optimizer, scaler, steps_per_epoch, global_batch, rank, world_size, device):
+    """Load checkpoint.pt into model, optimizer and GradScaler. Returns (Progress, a line for the log)."""
+    try:
+        ckpt = read_checkpoint(path, device)
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume: {e}") from None
+    if ckpt["config"] != cfg:
+        raise ValueError(f"--resume: the checkpoint's config {ckpt['config']} differs from the flags' {cfg}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler") and scaler.is_enabled():  # empty when saved without --amp fp16
+        scaler.load_state_dict(ckpt["scaler"])
+    progress = Progress(epoch=ckpt["epoch"], step=ckpt["step"])
+    # Mid-epoch: skip the images the checkpoint's run had read (the order depends on (seed, epoch) only).
+    # Checkpoints without a position (older ones) were written at the end of their epoch.
+    done = ckpt.get("epoch_images")
+    progress.epoch_step = steps_per_epoch if done is None else min(done // global_batch, steps_per_epoch)
+    if progress.epoch_step == steps_per_epoch:
+        progress.epoch, progress.epoch_step = progress.epoch + 1, 0
+    elif rank == 0:
+        progress.sums = ckpt.get("epoch_sums", progress.sums)  # the whole run's sums so far: rank 0 carries them on
+    exact = ckpt.get("global_batch") == global_batch and len(ckpt.get("rng", [])) == world_size
+    if exact:
+        set_rng_states(ckpt["rng"][rank])  # masks and crops continue as if never stopped
+    return progress, (f"resumed from {path} at epoch {progress.epoch + 1}, step {progress.step} ({progress.epoch_step} "
+                      "into the epoch)" + ("" if exact else "; another global batch or process count, so RNG streams restart"))
+
+
+def save_run(path, model, optimizer, scaler, cfg, progress, global_batch, device, main_process):
+    """All processes call this (the RNG states are gathered); rank 0 writes checkpoint.pt atomically."""
+    rngs, epoch_sums = gather_objects(rng_states()), all_reduce_sum(progress.sums, device)
+    if main_process:
+        save_checkpoint(path, model, optimizer, cfg, progress.epoch, progress.step, extra={
+            "epoch_images": progress.epoch_step * global_batch, "epoch_sums": epoch_sums,
+            "global_batch": global_batch, "scaler": scaler.state_dict(), "rng": rngs})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One training step, the end of an epoch, the recipe
+
+
+def train_step(ddp_model, batches, optimizer, scaler, progress, batch_size, accum_iter, amp_dtype, backend, clip_grad,
+               device, world_size, preemption):
+    """One optimizer step: accum_iter micro-batches (forward under autocast, scaled backward), gradient clipping,
+    AdamW. Adds to progress. Returns (loss, whether some process got SIGTERM), or None when this process's shard
+    ran out before the step was whole (collate_skip_broken drops unreadable files)."""
+    model = unwrap(ddp_model)
+    for micro in range(accum_iter):
+        imgs, skipped = next_images(batches, batch_size, device)
+        progress.sums[2] += skipped
+        if imgs is None:
+            optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation
+            return None
+        # DDP averages the gradients over processes in backward; only on the last micro-batch of a step.
+        last = micro == accum_iter - 1
+        with contextlib.nullcontext() if last or ddp_model is model else ddp_model.no_sync():
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = ddp_model(imgs, backend=backend)["loss"]
+            # One all-reduce: the mean loss, and whether any process got SIGTERM (all stop together).
+            sigterm = float(preemption is not None and preemption.requested)
+            loss_value, stop = all_reduce_sum([loss.item() / world_size, sigterm], device)
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"loss is {loss_value} at step {progress.step} (epoch {progress.epoch + 1}); "
+                                       "stopping. The last good checkpoint is kept. Try a lower --blr or --clip-grad.")
+            scaler.scale(loss / accum_iter).backward()
+        progress.sums[0] += loss_value * imgs.shape[0]
+        progress.sums[1] += imgs.shape[0]
+    scaler.unscale_(optimizer)  # no-op unless --amp fp16
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad if clip_grad > 0 else math.inf)
+    if not torch.isfinite(norm) and not scaler.is_enabled():  # fp16: the scaler skips such steps itself
+        raise TrainingDiverged(f"gradient norm is {norm.item()} at step {progress.step} (epoch {progress.epoch + 1}); "
+                               "stopping. The last good checkpoint is kept. Try a lower --blr.")
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    progress.step += 1
+    progress.epoch_step += 1
+    return loss_value, stop
+
+
+def end_of_epoch(model, val_imgs, progress, fresh_images, epoch_time, run_time, out, backend, device, main_process):
+    """Sum the epoch over processes; on rank 0 score the validation images (model.reconstruction_metrics), print
+    and append a line to log.jsonl and write recon_epochNNN.png. Returns False when the epoch read no image."""
+    loss_sum, seen, skipped, fresh = all_reduce_sum(progress.sums + [fresh_images], device)
+    epoch = progress.epoch + 1
+    if seen == 0:
+        if skipped:
+            raise ValueError(f"epoch {epoch}: all {int(skipped)} images read were unreadable; check --data")
+        return False
+    if skipped and main_process:
+        print(f"epoch {epoch}: skipped {int(skipped)} unreadable image files (warnings above name them)")
+    if main_process:
+        val = reconstruction_metrics(model, val_imgs, backend)
+        record = {"epoch": epoch, "step": progress.step, "train_loss": loss_sum / seen,
+                  **{f"val_{k}" if k == "loss" else k: v for k, v in val.items()},
+                  "img_per_s": fresh / epoch_time, "time_s": run_time}  # images this session read, all processes
+        if skipped:
+            record["skipped_images"] = int(skipped)
+        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        with open(os.path.join(out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        save_epoch_grid(os.path.join(out, f"recon_epoch{epoch:03d}.png"), model, val_imgs[:8], backend,
+                        model.cfg.patch_size)
+    return True
+
+
+def stop_on_sigterm(save, progress, steps_per_epoch, ckpt_path, log):
+    """The step is finished: write checkpoint.pt and exit with 143 (128 + SIGTERM), as schedulers expect."""
+    save()
+    log(f"SIGTERM: saved {ckpt_path} at step {progress.step} ({progress.epoch_step} of {steps_per_epoch} in epoch "
+        f"{progress.epoch + 1}); continue with --resume")
+    raise SystemExit(128 + signal.SIGTERM)
+
+
+def validation_images(data, img_size, val_size, seed, device):
+    """The first val_size readable validation images [V, 3, S, S] on device (broken files skipped)."""
+    val_set = build_dataset(data, img_size, train=False, n_synthetic=val_size, seed=seed)
+    readable = (item for item in map(val_set.__getitem__, range(len(val_set))) if item is not None)
+    val_imgs = [img for img, _ in itertools.islice(readable, val_size)]
+    if not val_imgs:
+        raise ValueError(f"no readable image among the {len(val_set)} validation files of --data {data}")
+    return torch.stack(val_imgs).to(device)
+
+
+def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, warmup_epochs, weight_decay, clip_grad,
+             accum_iter, amp, backend, workers, device, seed, out, resume, max_steps, save_every, val_size,
+             rank=0, world_size=1, preemption=None):
     """The training run of `python train.py` (one process) or of one of torchrun's processes (rank of
     world_size). Returns the trained model (unwrapped from DDP)."""
-    cfg = config_from_args(args)  # validates --gaussians, --mask, --img-size / --patch
-    if args.epochs < 1 or args.batch_size < 1 or args.val_size < 1:
-        raise SystemExit(f"--epochs, --batch-size and --val-size must be >= 1, got {args.epochs}, "
-                         f"{args.batch_size} and {args.val_size}")
-    if args.accum_iter < 1 or args.save_every < 0:
-        raise SystemExit(f"--accum-iter must be >= 1 and --save-every >= 0, got {args.accum_iter} and {args.save_every}")
-    device = torch.device(device)
-    if args.amp == "fp16" and device.type != "cuda":
-        raise SystemExit(f"--amp fp16 needs a CUDA device (it relies on a GradScaler), got {device}; use --amp bf16")
-    main_process = rank == 0  # logs, PNGs and checkpoints
+    device, main_process = torch.device(device), rank == 0  # rank 0 logs, writes PNGs and checkpoints
     log = print if main_process else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)  # the same on every process: identical initial weights
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    torch.manual_seed(seed)  # the same on every process: identical initial weights
+    random.seed(seed)
+    np.random.seed(seed)
+    os.makedirs(out, exist_ok=True)
+    ckpt_path = os.path.join(out, "checkpoint.pt")
 
-    train_set = build_dataset(args.data, args.img_size, train=True, n_synthetic=args.n_synthetic, seed=args.seed)
+    train_set = build_dataset(data, cfg.img_size, train=True, n_synthetic=n_synthetic, seed=seed)
     # Each process reads its own shard of one permutation per epoch: together, batch x world_size images.
-    loader, sampler = make_loader(train_set, args.batch_size, rank, world_size, seed=args.seed,
-                                  workers=args.workers, pin_memory=device.type == "cuda")
-    steps_per_epoch = len(loader) // args.accum_iter  # optimizer steps; a last incomplete accumulation is dropped
-    global_batch = args.batch_size * args.accum_iter * world_size  # images per optimizer step
+    loader, sampler = make_loader(train_set, batch_size, rank, world_size, seed=seed, workers=workers,
+                                  pin_memory=device.type == "cuda")
+    steps_per_epoch = len(loader) // accum_iter  # optimizer steps; a last incomplete accumulation is dropped
+    global_batch = batch_size * accum_iter * world_size  # images per optimizer step
     if steps_per_epoch == 0:
-        raise SystemExit(f"the dataset has {len(train_set)} images, fewer than one step needs: --batch-size "
-                         f"{args.batch_size} x --accum-iter {args.accum_iter} x {world_size} processes = {global_batch}")
-    if main_process:
-        val_set = build_dataset(args.data, args.img_size, train=False, n_synthetic=args.val_size, seed=args.seed)
-        readable = (item for item in map(val_set.__getitem__, range(len(val_set))) if item is not None)
-        val_imgs = [img for img, _ in itertools.islice(readable, args.val_size)]  # broken files skipped
-        if not val_imgs:
-            raise SystemExit(f"no readable image among the {len(val_set)} validation files of --data {args.data}")
-        val_imgs = torch.stack(val_imgs).to(device)
+        raise ValueError(f"the dataset has {len(train_set)} images, fewer than one step needs: --batch-size "
+                         f"{batch_size} x --accum-iter {accum_iter} x {world_size} processes = {global_batch}")
+    val_imgs = validation_images(data, cfg.img_size, val_size, seed, device) if main_process else None
 
     model = GMAE(cfg).to(device)
     ddp_model = wrap_ddp(model, device)  # = model when single-process; DDP copies rank 0's weights to all
     if world_size > 1:
-        torch.manual_seed(args.seed + rank)  # different masks and crops on every process (MAE: seed + rank)
-    lr = args.lr if args.lr is not None else args.blr * global_batch / 256  # MAE: scaled by the global batch
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")  # fp16 gradients underflow without it
-
-    # Position: `step` optimizer steps so far, `epoch_step` of them in the current epoch; `sums` are the
-    # epoch's [loss x images, images, skipped files] so far, so a resumed epoch logs what an unbroken one would.
-    start_epoch, epoch_step, step, sums = 0, 0, 0, [0.0, 0, 0]
-    if args.resume:
-        try:
-            ckpt = read_checkpoint(ckpt_path, device)
-        except CheckpointError as e:
-            raise SystemExit(f"--resume: {e}") from None
-        if ckpt["config"] != cfg:
-            raise SystemExit(f"--resume: the checkpoint's config {ckpt['config']} differs from the flags' {cfg}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler") and scaler.is_enabled():  # empty when saved without --amp fp16
-            scaler.load_state_dict(ckpt["scaler"])
-        step, start_epoch = ckpt["step"], ckpt["epoch"]
-        # Mid-epoch: skip the images the checkpoint's run had read (the order depends on (seed, epoch) only).
-        # Checkpoints without a position (older ones) were written at the end of their epoch.
-        done = ckpt.get("epoch_images")
-        epoch_step = steps_per_epoch if done is None else min(done // global_batch, steps_per_epoch)
-        if epoch_step == steps_per_epoch:
-            start_epoch, epoch_step = start_epoch + 1, 0
-        elif main_process:
-            sums = ckpt.get("epoch_sums", sums)  # the whole run's sums so far: rank 0 carries them on
-        exact = ckpt.get("global_batch") == global_batch and len(ckpt.get("rng", [])) == world_size
-        if exact:
-            set_rng_states(ckpt["rng"][rank])  # masks and crops continue as if never stopped
-        log(f"resumed from {ckpt_path} at epoch {start_epoch + 1}, step {step} ({epoch_step} into the epoch)"
-            + ("" if exact else "; another global batch or process count, so RNG streams restart"))
-
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+        torch.manual_seed(seed + rank)  # different masks and crops on every process (MAE: seed + rank)
+    lr = lr if lr is not None else blr * global_batch / 256  # MAE: scaled by the global batch
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # fp16 gradients underflow without it
+    progress = Progress()
+    if resume:
+        progress, message = resume_run(ckpt_path, cfg, model, optimizer, scaler, steps_per_epoch, global_batch, rank,
+                                       world_size, device)
+        log(message)
+    save = functools.partial(save_run, ckpt_path, model, optimizer, scaler, cfg, progress, global_batch, device,
+                             main_process)
+    total_steps, warmup_steps = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"{cfg.decoder} decoder, {n_params / 1e6:.2f}M parameters, {len(train_set)} images, "
-        f"{steps_per_epoch} steps/epoch, global batch {global_batch} = {args.batch_size} x {args.accum_iter} accum x "
-        f"{world_size} processes, lr {lr:.2e}, device {device}, splat {args.splat}, amp {args.amp or 'off'}")
-
-    def checkpoint(epoch):
-        """All processes call this (the RNG states are gathered); rank 0 writes."""
-        rngs, epoch_sums = gather_objects(rng_states()), all_reduce_sum(sums, device)
-        if main_process:
-            save_checkpoint(ckpt_path, model, optimizer, cfg, epoch, step, extra={
-                "epoch_images": epoch_step * global_batch, "epoch_sums": epoch_sums, "global_batch": global_batch,
-                "scaler": scaler.state_dict(), "rng": rngs})
+    log(f"{cfg.decoder} decoder, {n_params / 1e6:.2f}M parameters, {len(train_set)} images, {steps_per_epoch} "
+        f"steps/epoch, global batch {global_batch} = {batch_size} x {accum_iter} accum x {world_size} processes, "
+        f"lr {lr:.2e}, device {device}, splat {backend}, amp {amp or 'off'}")
 
     t_start = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch, start=epoch_step * args.accum_iter * args.batch_size)
-        batches = iter(loader)
+    for epoch in range(progress.epoch, epochs):
+        progress.epoch = epoch
+        sampler.set_epoch(progress.epoch, start=progress.epoch_step * accum_iter * batch_size)
+        batches, t0, seen_before = iter(loader), time.time(), progress.sums[1]
         ddp_model.train()
-        bar = tqdm(total=steps_per_epoch, initial=epoch_step, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   disable=not main_process)
-        t0, seen_before = time.time(), sums[1]
-        while epoch_step < steps_per_epoch and (args.max_steps is None or step < args.max_steps):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, warmup_steps, lr, args.min_lr)
-            got = 0
-            for micro in range(args.accum_iter):
-                imgs, skipped = next_images(batches, args.batch_size, device)
-                sums[2] += skipped
-                if imgs is None:
-                    break
-                # DDP averages the gradients over processes in backward; only on the last micro-batch of a step.
-                last = micro == args.accum_iter - 1
-                with contextlib.nullcontext() if last or ddp_model is model else ddp_model.no_sync():
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss = ddp_model(imgs, backend=args.splat)["loss"]
-                    # One all-reduce: the mean loss, and whether any process got SIGTERM (all stop together).
-                    sigterm = float(preemption is not None and preemption.requested)
-                    loss_value, stop = all_reduce_sum([loss.item() / world_size, sigterm], device)
-                    if not math.isfinite(loss_value):
-                        raise SystemExit(f"loss is {loss_value} at step {step} (epoch {epoch + 1}); stopping. The last "
-                                         f"good checkpoint is kept in {args.out}. Try a lower --blr or --clip-grad.")
-                    scaler.scale(loss / args.accum_iter).backward()
-                sums[0] += loss_value * imgs.shape[0]
-                sums[1] += imgs.shape[0]
-                got += 1
-            if got < args.accum_iter:  # this process's shard ran out (whole batches of broken files):
-                epoch_step = steps_per_epoch  # the epoch is over, a little early
+        bar = tqdm(total=steps_per_epoch, initial=progress.epoch_step, desc=f"epoch {progress.epoch + 1}/{epochs}",
+                   leave=False, disable=not main_process)
+        while progress.epoch_step < steps_per_epoch and (max_steps is None or progress.step < max_steps):
+            set_lr(optimizer, lr_at(progress.step, total_steps, warmup_steps, lr, min_lr))
+            result = train_step(ddp_model, batches, optimizer, scaler, progress, batch_size, accum_iter, amp_dtype,
+                                backend, clip_grad, device, world_size, preemption)
+            if result is None:  # this process's shard ran out (whole batches of broken files): the epoch ends early
+                progress.epoch_step = steps_per_epoch
                 break
-            scaler.unscale_(optimizer)  # no-op unless --amp fp16
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad if args.clip_grad > 0 else math.inf)
-            if not torch.isfinite(norm) and not scaler.is_enabled():  # fp16: the scaler skips such steps itself
-                raise SystemExit(f"gradient norm is {norm.item()} at step {step} (epoch {epoch + 1}); stopping. "
-                                 f"The last good checkpoint is kept in {args.out}. Try a lower --blr.")
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            epoch_step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{(sums[1] - seen_before) / (time.time() - t0):.0f}")
-            if stop:
-                checkpoint(epoch)
-                log(f"SIGTERM: saved {ckpt_path} at step {step} ({epoch_step} of {steps_per_epoch} in epoch "
-                    f"{epoch + 1}); continue with --resume")
-                raise SystemExit(128 + signal.SIGTERM)
-            if args.save_every and step % args.save_every == 0 and epoch_step < steps_per_epoch:
-                checkpoint(epoch)
+            bar.set_postfix(loss=f"{result[0]:.4f}", img_s=f"{(progress.sums[1] - seen_before) / (time.time() - t0):.0f}")
+            if result[1]:
+                stop_on_sigterm(save, progress, steps_per_epoch, ckpt_path, log)
+            if save_every and progress.step % save_every == 0 and progress.epoch_step < steps_per_epoch:
+                save()
         bar.close()
-        loss_sum, seen, skipped, fresh = all_reduce_sum(sums + [sums[1] - seen_before], device)
-        if seen == 0:
-            if skipped:
-                raise SystemExit(f"epoch {epoch + 1}: all {int(skipped)} images read were unreadable; check --data")
+        if not end_of_epoch(model, val_imgs, progress, progress.sums[1] - seen_before, time.time() - t0,
+                            time.time() - t_start, out, backend, device, main_process):
             break
-        if skipped:
-            log(f"epoch {epoch + 1}: skipped {int(skipped)} unreadable image files (warnings above name them)")
-        if main_process:
-            img_per_s = fresh / (time.time() - t0)  # images this session read in this epoch, all processes
-            val = reconstruction_metrics(model, val_imgs, args.splat)
-            record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen,
-                      **{f"val_{k}" if k == "loss" else k: v for k, v in val.items()},
-                      "img_per_s": img_per_s, "time_s": time.time() - t_start}
-            if skipped:
-                record["skipped_images"] = int(skipped)
-            print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            save_epoch_grid(os.path.join(args.out, f"recon_epoch{epoch + 1:03d}.png"), model, val_imgs[:8],
-                            args.splat, cfg.patch_size)
-        checkpoint(epoch)
-        if epoch_step < steps_per_epoch:  # --max-steps
+        save()
+        if progress.epoch_step < steps_per_epoch:  # --max-steps
             break
-        epoch_step, sums = 0, [0.0, 0, 0]
+        progress.epoch_step, progress.sums[:] = 0, [0.0, 0, 0]
     log(f"done: {ckpt_path}")
     return model
+
+
+def main(argv=None):
+    """Parse flags, join torchrun's process group if launched by torchrun (engine.distributed), train. A run that
+    cannot start or has to stop (missing checkpoint, unreadable data, a diverged loss) ends as one parser.error line."""
+    parser = build_parser()
+    args = get_args(argv, parser)
+    try:
+        with distributed(args.device) as (rank, world_size, device), Preemption() as preemption:
+            return pretrain(config_from_args(args), data=args.data, n_synthetic=args.n_synthetic, epochs=args.epochs,
+                            batch_size=args.batch_size, blr=args.blr, lr=args.lr, min_lr=args.min_lr,
+                            warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
+                            clip_grad=args.clip_grad, accum_iter=args.accum_iter, amp=args.amp, backend=args.splat,
+                            workers=args.workers, device=device, seed=args.seed, out=args.out, resume=args.resume,
+                            max_steps=args.max_steps, save_every=args.save_every, val_size=args.val_size,
+                            rank=rank, world_size=world_size, preemption=preemption)
+    except (ValueError, FileNotFoundError, TrainingDiverged) as e:  # CheckpointError is a ValueError
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Run:  pytest -q tests/test_train_scale.py
 import json
 import os
 import signal
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,11 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-import engine
 import data
+import engine
 import model as M
 import splat
 import train
+from cli import cli_error
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -178,13 +180,12 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the unbroken run"
 
 
-def test_truncated_checkpoint_on_resume_is_a_one_line_error(tmp_path):
+def test_truncated_checkpoint_on_resume_is_a_one_line_error(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 100)
-    with pytest.raises(SystemExit, match="--resume: .*cannot be read as a checkpoint") as err:
-        train.main(SMALL + ["--out", str(out), "--resume"])
-    assert "\n" not in str(err.value.code)
+    message = cli_error(capsys, train.main, SMALL + ["--out", str(out), "--resume"])
+    assert re.match("--resume: .*cannot be read as a checkpoint", message)
 
 
 def test_broken_image_files_are_skipped_and_counted(tmp_path, capsys):
@@ -208,16 +209,18 @@ def test_broken_image_files_are_skipped_and_counted(tmp_path, capsys):
     assert "epoch 2: skipped 4 unreadable image files" in capsys.readouterr().out
 
 
-def test_folders_of_only_broken_files_are_clear_errors(tmp_path):
+def test_folders_of_only_broken_files_are_clear_errors(tmp_path, capsys):
     for split, n in (("train", 8), ("val", 2)):
         (tmp_path / split / "c").mkdir(parents=True)
         for i in range(n):
             (tmp_path / split / "c" / f"{i}.png").write_bytes(b"nope")
-    with pytest.warns(data.BrokenImageWarning), pytest.raises(SystemExit, match="no readable image among the 2 val"):
-        train.main(SMALL + ["--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    with pytest.warns(data.BrokenImageWarning):
+        message = cli_error(capsys, train.main, SMALL + ["--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert message.startswith("no readable image among the 2 val")
     Image.new("RGB", (20, 20)).save(tmp_path / "val" / "c" / "ok.png")
-    with pytest.warns(data.BrokenImageWarning), pytest.raises(SystemExit, match="all 8 images read were unreadable"):
-        train.main(SMALL + ["--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    with pytest.warns(data.BrokenImageWarning):
+        message = cli_error(capsys, train.main, SMALL + ["--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert "all 8 images read were unreadable" in message
 
 
 def test_bf16_autocast_training_is_finite_and_the_loss_falls(tmp_path):
@@ -246,14 +249,13 @@ def test_rasterizer_runs_in_float32_under_autocast():
     (["--accum-iter", "0"], "--accum-iter must be >= 1"),
     (["--batch-size", "40", "--accum-iter", "2"], "fewer than one step needs: --batch-size 40 x --accum-iter 2"),
 ])
-def test_scale_flag_errors(tmp_path, flags, message):
+def test_scale_flag_errors(tmp_path, capsys, flags, message):
     if flags[:2] == ["--amp", "fp16"] and torch.cuda.is_available():
         pytest.skip("fp16 is allowed with a GPU")
     args = SMALL + ["--out", str(tmp_path)]
     for flag, value in zip(flags[::2], flags[1::2]):
         args = with_flag(args, flag, value) if flag in args else args + [flag, value]
-    with pytest.raises(SystemExit, match=message):
-        train.main(args)
+    assert message in cli_error(capsys, train.main, args)
 
 
 def test_whole_batches_of_broken_files_end_the_epoch_early_and_training_goes_on(tmp_path):
