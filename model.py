@@ -358,32 +358,37 @@ class GaussianDecoder(nn.Module):
         # start spread around sigmoid(0) = 0.5.
         nn.init.normal_(self.queries, std=1.0)
         nn.init.normal_(self.head.weight[0:3], std=1.0 / math.sqrt(cfg.dec_dim))
-        if cfg.anchors:  # see GMAEConfig.anchors: the queries' identity is their grid point, not random noise
-            a = anchor_grid(cfg.num_gaussians)  # [K, 2], x, y in (-1, 1)
-            g = (a + 1) * cfg.img_size / (2 * cfg.patch_size) - 0.5  # the same point in patch-grid units
-            query_pos = sincos_embed_2d(cfg.dec_dim, g[:, 0], g[:, 1]).float()[None]  # [1, K, D_dec]
-            # fixed and rebuilt from the config, so not saved: checkpoints without anchors load unchanged
-            self.register_buffer("query_pos", query_pos, persistent=False)
-            self.register_buffer("anchor_logit", torch.atanh(a).float(), persistent=False)  # [K, 2]
-            nn.init.normal_(self.queries, std=0.02)  # small beside query_pos (MAE's mask token init)
-            nn.init.normal_(self.head.weight[0:2], std=0.1 / math.sqrt(cfg.dec_dim))  # start near the anchor
+        if cfg.anchors:
+            self.init_anchors(cfg)
+
+    def init_anchors(self, cfg):
+        """GMAEConfig.anchors: query j's identity is its grid point a_j, not random noise. It gets the fixed
+        sin-cos embedding of a_j (the latents carry the same embedding of their patch) and starts there."""
+        a = anchor_grid(cfg.num_gaussians)  # [K, 2], x, y in (-1, 1)
+        g = (a + 1) * cfg.img_size / (2 * cfg.patch_size) - 0.5  # the same point in patch-grid units
+        query_pos = sincos_embed_2d(cfg.dec_dim, g[:, 0], g[:, 1]).float()[None]  # [1, K, D_dec]
+        # fixed and rebuilt from the config, so not saved: checkpoints without anchors load unchanged
+        self.register_buffer("query_pos", query_pos, persistent=False)
+        self.register_buffer("anchor_logit", torch.atanh(a).float(), persistent=False)  # [K, 2]
+        nn.init.normal_(self.queries, std=0.02)  # small beside query_pos (MAE's mask token init)
+        nn.init.normal_(self.head.weight[0:2], std=0.1 / math.sqrt(cfg.dec_dim))  # start near the anchor
+
+    def from_anchors(self, raw):
+        """x, y = tanh(raw + atanh(a_j)): each anchored Gaussian starts at its grid point, free to go anywhere."""
+        return torch.cat([raw[..., 0:2] + self.anchor_logit, raw[..., 2:]], dim=-1)
 
     def forward(self, latents, ids_keep):
         """latents [B, 1 + N_vis, D_enc] -> raw Gaussians [B, K, 14]."""
         x = self.decoder_embed(latents)  # [B, 1 + N_vis, D_dec]
         pos = self.decoder_pos_embed.expand(x.shape[0], -1, -1)
         pos_vis = torch.gather(pos[:, 1:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = x + torch.cat([pos[:, :1], pos_vis], dim=1)
-        q = self.queries if not self.cfg.anchors else self.queries + self.query_pos
-        q = q.expand(x.shape[0], -1, -1)  # [B, K, D_dec]
-        x = torch.cat([x, q], dim=1)  # [B, 1 + N_vis + K, D_dec]
+        x = x + torch.cat([pos[:, :1], pos_vis], dim=1)  # each latent keeps its patch position
+        q = self.queries + self.query_pos if self.cfg.anchors else self.queries
+        x = torch.cat([x, q.expand(x.shape[0], -1, -1)], dim=1)  # [B, 1 + N_vis + K, D_dec]: Eq. 1, no mask tokens
         for blk in self.blocks:
             x = blk(x)
-        x = self.norm(x[:, -self.cfg.num_gaussians:])  # keep the query outputs, discard the latents
-        raw = self.head(x)  # [B, K, 14]
-        if self.cfg.anchors:
-            raw = torch.cat([raw[..., 0:2] + self.anchor_logit, raw[..., 2:]], dim=-1)
-        return raw
+        raw = self.head(self.norm(x[:, -self.cfg.num_gaussians:]))  # [B, K, 14] from the query outputs only
+        return self.from_anchors(raw) if self.cfg.anchors else raw
 
 
 class PixelDecoder(nn.Module):
