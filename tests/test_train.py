@@ -125,3 +125,11 @@ def test_trains_on_an_image_folder(tmp_path):
     train.main(TINY + ["--data", str(tmp_path / "data"), "--epochs", "1", "--out", out])
     assert read_log(out)[0]["step"] == 20 // 16
     assert os.path.isfile(os.path.join(out, "recon_epoch001.png"))
+
+
+def test_flag_defaults_are_the_tiny_preset_and_the_paper_command_is_the_paper_preset():
+    assert train.config_from_args(train.get_args([])) == M.GMAEConfig.preset("tiny")
+    paper = ["--model", "base", "--img-size", "224", "--patch", "16", "--gaussians", "512", "--scale-max", "1",
+             "--loss-on", "masked", "--no-center-depth", "--no-anchors"]  # train.py's docstring
+    assert train.config_from_args(train.get_args(paper)) == M.GMAEConfig.preset("base", **M.PAPER)
+    assert M.GMAEConfig.preset("base", **M.PAPER).enc_dim == 768 and M.PAPER["num_gaussians"] == 512
