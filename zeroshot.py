@@ -1,6 +1,7 @@
 """
-Zero-shot readings of a pretrained GMAE's Gaussians: layers, figure-ground, edges, plots, PLY export, and their
-evaluation against ground truth and controls (paper Sec. 4.3-4.4, Figs. 6-10; ../shared/DESIGN.md 5).
+Zero-shot readings of a pretrained GMAE's Gaussians: layers, figure-ground, edges, plots and PLY export (paper
+Sec. 4.3-4.4, Figs. 6-10; ../shared/DESIGN.md 5). Their evaluation against ground truth and controls is in
+zeroshot_eval.py; its commands (eval-*) run from here.
 
 Encode the whole image (mask 0), take the K Gaussians and sort them by depth, front to back (splat.depth_order).
 
@@ -21,32 +22,27 @@ W/2, H/2), so a render at H x W is the same picture as at S x S, only sharper. `
 overlapping WIN x WIN windows (stride WIN/2, each resized to S x S) and blends their edge maps with a tent
 weight, so a 32 px model gives a 481 x 321 edge map with local detail.
 
-Controls (without them no zero-shot number means anything):
-    --depth permuted   each image's z values randomly permuted among its Gaussians before the reading
-    --depth radial     position only: z replaced by 1 - 2 r / sqrt(2), r = distance of the centre (x, y) from the
-                       image centre (centre far, corners near: the centre prior some models learn instead of depth)
-    sobel              (edges) gradient magnitude of the grey image, divided by its maximum
-    all / ellipse      (figure-ground) every pixel, or the centred ellipse with semi-axes 0.35 W, 0.35 H
+Depth controls (--depth; zeroshot_eval.py scores the readings against them): permuted (each image's z values
+shuffled among its Gaussians) and radial (z from the centre's distance to the image centre: position only).
 
-Commands (each takes image files and/or folders, JPEG or PNG, any size; writes OUT/<stem>...):
-    python zeroshot.py recon  img.jpg [--mask 0.75]      input | reconstruction, PSNR printed
-    python zeroshot.py layers img.jpg --layers 4         layer map, each group alone (Fig. 6), first K/8..K (Fig. 7)
-    python zeroshot.py figure-ground img.jpg             <stem>.png mask (input size) and <stem>_overlay.png
-    python zeroshot.py edges  img.jpg [--tiles 96]        <stem>.png soft edges, input size, white = edge
-    python zeroshot.py gaussians img.jpg                  centres by depth, scale vs depth (Fig. 10), opacities
+Commands (each takes image files and/or folders, JPEG or PNG, any size; writes OUT/<stem>..., one name per
+command, so commands can share --out):
+    python zeroshot.py recon  img.jpg [--mask 0.75]      <stem>_recon.png: input | reconstruction, PSNR printed
+    python zeroshot.py layers img.jpg --layers 4         <stem>_layers.png: layer map, groups (Fig. 6), first k (Fig. 7)
+    python zeroshot.py figure-ground img.jpg             <stem>_fg.png mask (input size), <stem>_fg_overlay.png
+    python zeroshot.py edges  img.jpg [--tiles 96]        <stem>.png soft edges, input size, white = edge (BSDS layout)
+    python zeroshot.py gaussians img.jpg                  <stem>_gaussians.png: centres, scale vs depth (Fig. 10)
     python zeroshot.py export img.jpg                     <stem>.ply in the 3DGS layout (see write_ply)
-    python zeroshot.py eval-edges --pred DIR --gt DIR     ODS / OIS / AP against BSDS .mat boundaries
-    python zeroshot.py eval-edges --split val             edges of BSDS500 val for GMAE, controls and Sobel, scored
-    python zeroshot.py eval-edges --synthetic 200         the same on synthetic scenes and their boundary maps
+    python zeroshot.py eval-edges --pred DIR --gt DIR     ODS / OIS / AP of `edges` PNGs against BSDS .mat boundaries
+    python zeroshot.py eval-edges --split val | --synthetic 200            GMAE, its controls and Sobel, scored
     python zeroshot.py eval-fg [--masks DIR | --synthetic 200 [--anywhere]]   IoU, F of figure-ground vs controls
     python zeroshot.py eval-depth --synthetic 200 [--anywhere]  threshold-free: fg AUC and paint-order rank corr.
-        (and for "beyond-pos": z minus its per-image linear fit on the distance from the image centre)
 
-The evaluation needs the optional packages of requirements-eval.txt (pyedgeeval, scipy, matplotlib).
+The evaluation and plots need the optional packages of requirements-eval.txt (pyedgeeval, scipy, matplotlib).
 Shapes: B images, K Gaussians, L layers, H x W pixels; Gaussians [B, K, 14] as in splat.py.
 """
 import argparse
-import json
+import functools
 import math
 import os
 import sys
@@ -58,8 +54,8 @@ from PIL import Image, ImageDraw
 
 import engine
 import data
-import model as M
 import splat
+import zeroshot_eval
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_DATA = os.path.join(HERE, "..", "shared", "data")  # optional; every command also takes explicit paths
@@ -67,15 +63,7 @@ DEFAULT_CKPT = os.path.join("runs", "gmae", "checkpoint.pt")  # train.py's defau
 EDGE_LAYERS = (2, 4, 8)  # the soft edge map averages over these L ...
 EDGE_THRESHOLDS = (0.05, 0.1, 0.2)  # ... and these change thresholds
 DEPTH_MODES = ("learned", "permuted", "radial")
-EVAL_HINT = "pip install -r requirements-eval.txt"
-
-
-def require(module, what):
-    """Import an optional dependency, or raise ImportError saying what needs it and how to install it."""
-    try:
-        return __import__(module, fromlist=["_"])
-    except ImportError as e:
-        raise ImportError(f"{what} needs the optional package '{module}': {EVAL_HINT}") from e
+IMAGE_COMMANDS = ("recon", "layers", "figure-ground", "edges", "gaussians", "export")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,13 +169,6 @@ def otsu_split(ids):
     return best_t
 
 
-def border(H, W):
-    """[H, W] bool, True on the one-pixel image border."""
-    b = torch.zeros(H, W, dtype=torch.bool)
-    b[0], b[-1], b[:, 0], b[:, -1] = True, True, True, True
-    return b
-
-
 def figure_ground(ids):
     """Layer ids [H, W] -> figure mask [H, W] bool. Split at otsu_split; the figure is the side holding fewer of
     the border pixels (ties: the far side, Sec. 4.4). One id everywhere gives an empty figure."""
@@ -195,26 +176,11 @@ def figure_ground(ids):
     far = ids > t
     if not far.any():
         return far
-    on_border = border(*ids.shape).to(ids.device)
+    on_border = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    on_border[1:-1, 1:-1] = False  # the one-pixel image border
     far_share = (far & on_border).sum().item() / on_border.sum().item()
     return far if far_share <= 0.5 else ~far
 
-
-def sobel_edges(imgs):
-    """imgs [B, 3, H, W] -> gradient magnitude of the grey image [B, H, W], divided by each image's maximum."""
-    grey = (0.299 * imgs[:, 0] + 0.587 * imgs[:, 1] + 0.114 * imgs[:, 2]).unsqueeze(1)
-    kx = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=imgs.dtype)
-    k = torch.stack([kx, kx.t()]).unsqueeze(1)  # [2, 1, 3, 3]
-    gxy = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), k)  # [B, 2, H, W]
-    mag = gxy.norm(dim=1)
-    return mag / mag.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)
-
-
-def ellipse_mask(H, W, semi_axis=0.35):
-    """The centred-ellipse prior: [H, W] bool, semi-axes semi_axis * W and semi_axis * H."""
-    y = (torch.arange(H) + 0.5 - H / 2) / (semi_axis * H)
-    x = (torch.arange(W) + 0.5 - W / 2) / (semi_axis * W)
-    return y[:, None] ** 2 + x[None, :] ** 2 <= 1
 
 
 def tent(n):
@@ -258,14 +224,36 @@ def edge_map(net, img, depth="learned", tiles=None, layers=EDGE_LAYERS, threshol
     return out / weight
 
 
+def figure_ground_of(g, H, W, layers, threshold, backend="auto"):
+    """Gaussians [1, K, 14] -> figure mask [H, W] bool: figure_ground of the layer map of L = layers at H x W."""
+    return figure_ground(layer_map(cumulative_renders(g, H, W, layers, backend), threshold)[0])
+
+
+def gaussian_readings(net, read, seed):
+    """For zeroshot_eval: (img [3, H, W], i) -> {depth mode: read(Gaussians [1, K, 14] under that mode, H, W)},
+    the image encoded once, image i's permuted control seeded seed + i."""
+    def readings(img, i):
+        g, _ = image_gaussians(net, img[None])
+        H, W = img.shape[-2:]
+        return {m: read(control_depth(g, m, torch.Generator().manual_seed(seed + i)), H, W) for m in DEPTH_MODES}
+    return readings
+
+
+def edge_readings(net, tiles, backend, seed):
+    """For zeroshot_eval: (img [3, H, W], i) -> {depth mode: edge_map [H, W]}, image i's control seeded seed + i."""
+    def readings(img, i):
+        return {m: edge_map(net, img, m, tiles, backend=backend, generator=torch.Generator().manual_seed(seed + i))
+                for m in DEPTH_MODES}
+    return readings
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pictures
 
 
-def to_pil(x):
-    """[3, H, W] or [H, W] tensor in [0, 1] -> PIL image (RGB or greyscale)."""
-    arr = (x.detach().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(arr.transpose(1, 2, 0) if arr.ndim == 3 else arr)
+def save_png(x, path):
+    """[3, H, W] or [H, W] tensor in [0, 1] -> an RGB or greyscale PNG file."""
+    Image.fromarray(data.to_uint8(x)).save(path)
 
 
 def colour_ids(ids, L):
@@ -286,7 +274,7 @@ def strip(panels, labels):
     out = Image.new("RGB", (len(panels) * (w + 4), h + 14), (255, 255, 255))
     draw = ImageDraw.Draw(out)
     for i, (p, text) in enumerate(zip(panels, labels)):
-        out.paste(to_pil(p), (i * (w + 4), 14))
+        out.paste(Image.fromarray(data.to_uint8(p)), (i * (w + 4), 14))
         draw.text((i * (w + 4) + 2, 1), text, fill=(0, 0, 0))
     return out
 
@@ -312,7 +300,7 @@ def layers_strip(g, img, L, threshold, backend="auto"):
 
 def plot_gaussians(g, img, path):
     """Three plots (matplotlib): centres over the image coloured by depth, scale vs depth (Fig. 10), opacities."""
-    require("matplotlib", "the gaussians command")
+    zeroshot_eval.require("matplotlib", "the gaussians command")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,7 +318,7 @@ def plot_gaussians(g, img, path):
     ax[1].scatter(z, size, s=8)
     ax[1].set_xlabel("z (small = near)")
     ax[1].set_ylabel("mean scale (world units)")
-    ax[1].set_title(f"scale vs depth, Spearman {spearman(z, size):+.2f}")
+    ax[1].set_title(f"scale vs depth, Spearman {zeroshot_eval.spearman(z, size):+.2f}")
     ax[2].hist(g[:, 13], bins=20, range=(0, 1))
     ax[2].set_xlabel("opacity")
     ax[2].set_title("opacity histogram")
@@ -389,130 +377,7 @@ def read_ply(path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Scores: BSDS boundary benchmark, masks, threshold-free depth diagnostics
-
-
-def average_ranks(a):
-    """Ranks 1..n of a 1-D array, ties get their average rank (as scipy.stats.rankdata)."""
-    _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return (ends - (counts - 1) / 2.0)[inverse]
-
-
-def spearman(a, b):
-    """Spearman rank correlation of two 1-D arrays; nan if either is constant."""
-    ra, rb = average_ranks(np.asarray(a)), average_ranks(np.asarray(b))
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def auc(scores, positive):
-    """Area under the ROC curve of scores for a bool label (Mann-Whitney U / n+ n-); nan without both classes."""
-    positive = np.asarray(positive, bool)
-    n_pos, n_neg = positive.sum(), (~positive).sum()
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    r = average_ranks(np.asarray(scores))
-    return float((r[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def mask_scores(pred, gt, beta2=0.3):
-    """IoU and F-measure (beta^2 = 0.3, the salient-object convention of ECSSD) of bool masks [H, W]."""
-    inter, union = (pred & gt).sum().item(), (pred | gt).sum().item()
-    iou = inter / union if union else 1.0
-    p = inter / pred.sum().item() if pred.any() else 0.0
-    r = inter / gt.sum().item() if gt.any() else 0.0
-    f = (1 + beta2) * p * r / (beta2 * p + r) if p + r > 0 else 0.0
-    return iou, f
-
-
-def bsds_thresholds(nthresh):
-    """The benchmark's thresholds: nthresh values evenly spaced in (0, 1), linspace(1/(n+1), n/(n+1), n)."""
-    return np.linspace(1.0 / (nthresh + 1), 1.0 - 1.0 / (nthresh + 1), nthresh)
-
-
-def boundary_counts(pred, gts, thresholds, max_dist=0.0075):
-    """The BSDS matching for one image (Martin et al. 2004; official bench/evaluation_bdry_image.m), with
-    pyEdgeEval's port of its C++ correspondence (bipartite matching within max_dist of the image diagonal):
-    for each threshold, the thinned map pred >= t is matched to each human boundary map.
-    Returns [4, T]: matched gt pixels, gt pixels (summed over annotators), matched pred pixels, pred pixels."""
-    pyee = require("pyEdgeEval", "edge evaluation")
-    from pyEdgeEval.preprocess import binary_thin
-
-    out = np.zeros((4, len(thresholds)))
-    previous = None
-    for i, t in enumerate(thresholds):
-        binary = binary_thin(pred >= t)
-        if previous is not None and np.array_equal(binary, previous[0]):
-            out[:, i] = previous[1]  # the same map as the last threshold: the same counts (the matching is exact)
-            continue
-        matched_pred = np.zeros(binary.shape, bool)
-        for gt in gts:
-            m_pred, m_gt, _, _ = pyee.correspond_pixels(binary, gt.astype(bool), max_dist=max_dist)
-            matched_pred |= m_pred > 0
-            out[0, i] += (m_gt > 0).sum()
-            out[1, i] += gt.astype(bool).sum()
-        out[2, i], out[3, i] = matched_pred.sum(), binary.sum()
-        previous = (binary, out[:, i].copy())
-    return out
-
-
-def _prf(cnt_r, sum_r, cnt_p, sum_p):
-    r = cnt_r / np.where(sum_r == 0, 1, sum_r)
-    p = cnt_p / np.where(sum_p == 0, 1, sum_p)
-    return r, p, 2 * p * r / np.where(p + r == 0, 1, p + r)
-
-
-def boundary_scores(counts, thresholds):
-    """ODS / OIS / AP from per-image counts [N, 4, T] (official bench/collect_eval_bdry.m):
-    ODS = best F of the dataset-wide P, R at one threshold, interpolated linearly between thresholds (100 steps);
-    OIS = F of the counts summed at each image's own best threshold;
-    AP  = area under the dataset PR curve, precision interpolated at recall 0, 0.01, ..., 1 (0 outside)."""
-    total = counts.sum(0)  # [4, T]
-    R, P, _ = _prf(*total)
-    best = 0.0
-    for i in range(1, len(thresholds)):
-        d = np.linspace(0, 1, 100)
-        r, p = R[i] * d + R[i - 1] * (1 - d), P[i] * d + P[i - 1] * (1 - d)
-        best = max(best, float(np.max(2 * p * r / np.where(p + r == 0, 1, p + r))))
-    if len(thresholds) == 1:
-        best = float(_prf(*total)[2][0])
-    per_image_f = np.stack([_prf(*c)[2] for c in counts])  # [N, T]
-    pick = per_image_f.argmax(1)
-    ois = _prf(*counts[np.arange(len(counts)), :, pick].sum(0))[2]
-    r_unique, idx = np.unique(R, return_index=True)
-    ap = 0.0
-    if len(r_unique) > 1:
-        ap = float(np.interp(np.arange(0, 1.0001, 0.01), r_unique, P[idx], left=0.0, right=0.0).sum() * 0.01)
-    return {"ODS": best, "OIS": float(ois), "AP": ap}
-
-
-def load_bsds_boundaries(path):
-    """A BSDS groundTruth .mat -> list of [H, W] uint8 boundary maps, one per annotator."""
-    scipy_io = require("scipy.io", "reading BSDS .mat ground truth")
-    gt = scipy_io.loadmat(path)["groundTruth"]
-    return [gt[0, i]["Boundaries"][0, 0] for i in range(gt.shape[1])]
-
-
-def score_edge_folder(pred_dir, gt_dir, nthresh, max_dist=0.0075):
-    """ODS / OIS / AP of every gt_dir/<stem>.mat against pred_dir/<stem>.png (uint8, white = edge)."""
-    stems = sorted(f[:-4] for f in os.listdir(gt_dir) if f.endswith(".mat"))
-    if not stems:
-        raise FileNotFoundError(f"no .mat ground truth files in {gt_dir}")
-    missing = [s for s in stems if not os.path.isfile(os.path.join(pred_dir, s + ".png"))]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(stems)} predictions missing in {pred_dir}, e.g. {missing[0]}.png")
-    th = bsds_thresholds(nthresh)
-    counts = []
-    for s in stems:
-        pred = np.asarray(Image.open(os.path.join(pred_dir, s + ".png")).convert("L"), dtype=np.float64) / 255
-        counts.append(boundary_counts(pred, load_bsds_boundaries(os.path.join(gt_dir, s + ".mat")), th, max_dist))
-    return boundary_scores(np.stack(counts), th)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Commands on image files
+# Commands on image files: each writes OUT/<stem> with a name of its own, so commands can share --out
 
 
 def collect_images(paths):
@@ -535,57 +400,60 @@ def stem(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def run_recon(net, img, path, out, args):
+def load_gmae(path):
+    """The model of a train.py checkpoint, in eval mode. Raises FileNotFoundError, engine.CheckpointError, or
+    ValueError for a pixel-decoder (MAE) checkpoint: it predicts no Gaussians to read."""
+    net, _ = engine.load_checkpoint(path)
+    if net.cfg.decoder != "gaussians":
+        raise ValueError(f"{path} is a pixel-decoder (MAE) checkpoint; zero-shot readings need GMAE's Gaussians")
+    return net.eval()
+
+
+def run_recon(net, img, path, out, mask_ratio, seed, backend):
     S = net.cfg.img_size
-    g, x = image_gaussians(net, img[None], args.mask, torch.Generator().manual_seed(args.seed))
-    recon_s = splat.render(g, S, S, backend=args.splat)
+    g, x = image_gaussians(net, img[None], mask_ratio, torch.Generator().manual_seed(seed))
+    recon_s = splat.render(g, S, S, backend=backend)
     H, W = img.shape[-2:]
-    recon = splat.render(g, H, W, backend=args.splat)[0]  # the same Gaussians at the input's size
-    Image.fromarray(np.concatenate([np.asarray(to_pil(img)), np.asarray(to_pil(recon))], axis=1)).save(
-        os.path.join(out, stem(path) + ".png"))
-    print(f"{path}: PSNR {splat.psnr(recon_s.clamp(0, 1), x):.2f} dB at the model's {S} x {S} (mask {args.mask})")
+    recon = splat.render(g, H, W, backend=backend)[0]  # the same Gaussians at the input's size
+    Image.fromarray(np.concatenate([data.to_uint8(img), data.to_uint8(recon)], axis=1)).save(
+        os.path.join(out, stem(path) + "_recon.png"))
+    print(f"{path}: PSNR {splat.psnr(recon_s.clamp(0, 1), x):.2f} dB at the model's {S} x {S} (mask {mask_ratio})")
 
 
-def run_layers(net, img, path, out, args):
+def run_layers(net, img, path, out, depth, layers, threshold, seed, backend):
     g, _ = image_gaussians(net, img[None])
-    g = control_depth(g, args.depth, torch.Generator().manual_seed(args.seed))
-    layers_strip(g, img, args.layers, args.threshold, args.splat).save(os.path.join(out, stem(path) + ".png"))
+    g = control_depth(g, depth, torch.Generator().manual_seed(seed))
+    layers_strip(g, img, layers, threshold, backend).save(os.path.join(out, stem(path) + "_layers.png"))
 
 
-def run_figure_ground(net, img, path, out, args):
+def run_figure_ground(net, img, path, out, depth, layers, threshold, seed, backend):
     g, _ = image_gaussians(net, img[None])
-    g = control_depth(g, args.depth, torch.Generator().manual_seed(args.seed))
-    H, W = img.shape[-2:]
-    fg = figure_ground(layer_map(cumulative_renders(g, H, W, args.layers, args.splat), args.threshold)[0])
-    to_pil(fg.float()).save(os.path.join(out, stem(path) + ".png"))
+    g = control_depth(g, depth, torch.Generator().manual_seed(seed))
+    fg = figure_ground_of(g, *img.shape[-2:], layers, threshold, backend)
+    save_png(fg.float(), os.path.join(out, stem(path) + "_fg.png"))
     tint = torch.tensor([1.0, 0.2, 0.2]).view(3, 1, 1)
-    overlay = torch.where(fg, 0.5 * img + 0.5 * tint, 0.4 * img)
-    to_pil(overlay).save(os.path.join(out, stem(path) + "_overlay.png"))
+    save_png(torch.where(fg, 0.5 * img + 0.5 * tint, 0.4 * img), os.path.join(out, stem(path) + "_fg_overlay.png"))
 
 
-def run_edges(net, img, path, out, args):
-    layers = EDGE_LAYERS if args.layers is None else (args.layers,)
-    e = edge_map(net, img, args.depth, args.tiles, layers, EDGE_THRESHOLDS, args.splat,
-                 torch.Generator().manual_seed(args.seed))
-    to_pil(e).save(os.path.join(out, stem(path) + ".png"))
+def run_edges(net, img, path, out, depth, layers, tiles, seed, backend):
+    """Writes <stem>.png, no suffix: the BSDS layout that `eval-edges --pred` reads."""
+    layers = EDGE_LAYERS if layers is None else (layers,)
+    e = edge_map(net, img, depth, tiles, layers, EDGE_THRESHOLDS, backend, torch.Generator().manual_seed(seed))
+    save_png(e, os.path.join(out, stem(path) + ".png"))
 
 
-def run_gaussians(net, img, path, out, args):
+def run_gaussians(net, img, path, out):
     g, _ = image_gaussians(net, img[None])
-    plot_gaussians(g, img, os.path.join(out, stem(path) + ".png"))
+    plot_gaussians(g, img, os.path.join(out, stem(path) + "_gaussians.png"))
 
 
-def run_export(net, img, path, out, args):
+def run_export(net, img, path, out):
     g, _ = image_gaussians(net, img[None])
     write_ply(os.path.join(out, stem(path) + ".ply"), g[0])
 
 
-IMAGE_COMMANDS = {"recon": run_recon, "layers": run_layers, "figure-ground": run_figure_ground,
-                  "edges": run_edges, "gaussians": run_gaussians, "export": run_export}
-
-
-def run_on_images(command, net, paths, out, args):
-    """Run one image command on every file; an unreadable image is reported and skipped, the rest still run.
+def run_on_images(command, paths, out, write):
+    """write(img [3, H, W], path) on every file; an unreadable image is reported and skipped, the rest still run.
     Returns the number of failures."""
     failures = 0
     for path in paths:
@@ -595,175 +463,10 @@ def run_on_images(command, net, paths, out, args):
             print(f"skipped: {e}", file=sys.stderr)
             failures += 1
             continue
-        IMAGE_COMMANDS[command](net, img, path, out, args)
+        write(img, path)
     print(f"{command}: {len(paths) - failures} of {len(paths)} images written to {out}"
           + (f", {failures} failed" if failures else ""))
     return failures
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Evaluation commands
-
-
-def synthetic_scenes(n, size, anywhere):
-    """The synthetic val scenes (data.py, the split train.py never sees) at size x size, for evaluation."""
-    return data.SyntheticScenes(n, size, seed=data.VAL_SEED_OFFSET, fg_anywhere=anywhere)
-
-
-def print_table(title, rows, columns):
-    print(title)
-    print("  " + f"{'method':<12}" + "".join(f"{c:>10}" for c in columns))
-    for name, r in rows.items():
-        print("  " + f"{name:<12}" + "".join(f"{r[c]:>10.4f}" for c in columns))
-
-
-def save_results(out, name, results):
-    path = os.path.join(out, name)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {path}")
-
-
-def eval_edges_images(net, items, out, nthresh, tiles, backend, seed=0):
-    """items: list of (stem, image [3, H, W], list of gt boundary maps). Writes OUT/<method>/<stem>.png for GMAE,
-    its depth controls and Sobel, then scores each folder's maps with the BSDS protocol."""
-    methods = list(DEPTH_MODES) + ["sobel"]
-    th = bsds_thresholds(nthresh)
-    counts = {m: [] for m in methods}
-    for i, (name, img, gts) in enumerate(items):
-        for m in methods:
-            if m == "sobel":
-                e = sobel_edges(img[None])[0]
-            else:
-                e = edge_map(net, img, m, tiles, backend=backend, generator=torch.Generator().manual_seed(seed + i))
-            os.makedirs(os.path.join(out, m), exist_ok=True)
-            pil = to_pil(e)
-            pil.save(os.path.join(out, m, name + ".png"))
-            pred = np.asarray(pil, dtype=np.float64) / 255  # score exactly what was written
-            counts[m].append(boundary_counts(pred, gts, th))
-        print(f"\r{i + 1}/{len(items)} images", end="", flush=True)
-    print()
-    return {m: boundary_scores(np.stack(c), th) for m, c in counts.items()}
-
-
-def cmd_eval_edges(net, args, parser):
-    if args.pred or args.gt:
-        if not (args.pred and args.gt):
-            parser.error("--pred and --gt go together: a folder of edge PNGs and a folder of BSDS .mat files")
-        scores = score_edge_folder(args.pred, args.gt, args.nthresh)
-        print_table(f"{args.pred} vs {args.gt} ({args.nthresh} thresholds)", {"pred": scores}, ["ODS", "OIS", "AP"])
-        return scores
-    if net is None:
-        parser.error("give --pred DIR --gt DIR, or --split / --synthetic with a checkpoint")
-    if args.synthetic:
-        ds = synthetic_scenes(args.synthetic, args.size, args.anywhere)
-        items = []
-        for i in range(len(ds)):
-            sc = ds.scene(i)
-            items.append((f"scene{i:04d}", sc["image"], [sc["boundary"].numpy().astype(np.uint8)]))
-        where = f"synthetic{'_anywhere' if args.anywhere else ''}"
-    else:
-        root = args.bsds
-        img_dir, gt_dir = os.path.join(root, "images", args.split), os.path.join(root, "groundTruth", args.split)
-        if not os.path.isdir(gt_dir):
-            parser.error(f"no BSDS500 ground truth at {gt_dir}; pass --bsds ROOT (with images/ and groundTruth/)")
-        stems = sorted(f[:-4] for f in os.listdir(gt_dir) if f.endswith(".mat"))[: args.limit]
-        items = [(s, data.to_tensor(data.load_rgb(os.path.join(img_dir, s + ".jpg"))),
-                  load_bsds_boundaries(os.path.join(gt_dir, s + ".mat"))) for s in stems]
-        where = f"bsds_{args.split}"
-    out = os.path.join(args.out, where + (f"_tiles{args.tiles}" if args.tiles else ""))
-    results = eval_edges_images(net, items, out, args.nthresh, args.tiles, args.splat, args.seed)
-    print_table(f"edges on {where}, {len(items)} images, {args.nthresh} thresholds", results, ["ODS", "OIS", "AP"])
-    save_results(out, "scores.json", results)
-    return results
-
-
-def fg_items(args, parser):
-    """(image [3, H, W], gt mask [H, W] bool) pairs: synthetic scenes, or DIR/images/<stem>.* with DIR/masks/<stem>.png."""
-    if args.synthetic:
-        ds = synthetic_scenes(args.synthetic, args.size, args.anywhere)
-        return [(sc["image"], sc["mask"]) for sc in (ds.scene(i) for i in range(len(ds)))]
-    img_dir, mask_dir = os.path.join(args.masks, "images"), os.path.join(args.masks, "masks")
-    if not os.path.isdir(img_dir) or not os.path.isdir(mask_dir):
-        parser.error(f"--masks {args.masks} needs images/ and masks/ subfolders (ECSSD layout)")
-    items = []
-    for path in data.list_images(img_dir)[: args.limit]:
-        mask_path = os.path.join(mask_dir, stem(path) + ".png")
-        gt = torch.from_numpy(np.asarray(data.load_rgb(mask_path).convert("L")) > 127)
-        items.append((data.to_tensor(data.load_rgb(path)), gt))
-    return items
-
-
-def cmd_eval_fg(net, args, parser):
-    items = fg_items(args, parser)
-    methods = list(DEPTH_MODES) + ["all", "ellipse"]
-    scores = {m: [] for m in methods}
-    for i, (img, gt) in enumerate(items):
-        H, W = img.shape[-2:]
-        g, _ = image_gaussians(net, img[None])
-        for m in methods:
-            if m == "all":
-                pred = torch.ones(H, W, dtype=torch.bool)
-            elif m == "ellipse":
-                pred = ellipse_mask(H, W)
-            else:
-                gm = control_depth(g, m, torch.Generator().manual_seed(args.seed + i))
-                pred = figure_ground(layer_map(cumulative_renders(gm, H, W, args.layers, args.splat), args.threshold)[0])
-            scores[m].append(mask_scores(pred, gt))
-    results = {m: {"IoU": float(np.mean([s[0] for s in v])), "F": float(np.mean([s[1] for s in v]))}
-               for m, v in scores.items()}
-    where = f"synthetic{'_anywhere' if args.anywhere else ''}" if args.synthetic else os.path.basename(os.path.normpath(args.masks))
-    print_table(f"figure-ground on {where}, {len(items)} images, L={args.layers}, threshold {args.threshold}",
-                results, ["IoU", "F"])
-    os.makedirs(args.out, exist_ok=True)
-    save_results(args.out, f"fg_{where}.json", results)
-    return results
-
-
-def depth_diagnostics(g, scene, size):
-    """Per image, threshold-free (one [K, 14] set of Gaussians and its synthetic scene):
-    AUC with which nearness (-z) ranks the Gaussians centred on the foreground above the rest (0.5 = no
-    information, < 0.5 = the object sits behind), and the Spearman correlation of nearness with the true paint
-    order (the layer id under each centre; higher = painted later = nearer). Also the Spearman correlation of z with
-    the mean scale (paper Fig. 10: larger Gaussians nearer, so negative)."""
-    u = ((g[:, 0] + 1) * size / 2).long().clamp(0, size - 1)
-    v = ((g[:, 1] + 1) * size / 2).long().clamp(0, size - 1)
-    paint = scene["layers"][v, u].numpy()
-    fg_id = scene["layers"][scene["mask"]].max().item() if scene["mask"].any() else -1
-    near = -g[:, 2].numpy()
-    return auc(near, paint == fg_id), spearman(near, paint), spearman(g[:, 2].numpy(), g[:, 3:6].mean(1).numpy())
-
-
-def beyond_position(g):
-    """[K, 14] -> the same Gaussians with z replaced by its residual after a least-squares fit z ~ a + b r, r the
-    centre's distance from the image centre: the part of depth that position (the centre prior) cannot explain."""
-    r = g[:, 0:2].norm(dim=-1).double()
-    A = torch.stack([torch.ones_like(r), r], dim=1)  # [K, 2]
-    z = g[:, 2].double()
-    coef = torch.linalg.lstsq(A, z[:, None]).solution  # [2, 1]
-    out = g.clone()
-    out[:, 2] = (z - (A @ coef)[:, 0]).to(g.dtype)
-    return out
-
-
-def cmd_eval_depth(net, args, parser):
-    ds = synthetic_scenes(args.synthetic, args.size, args.anywhere)
-    diag = {m: [] for m in DEPTH_MODES + ("beyond-pos",)}
-    for i in range(len(ds)):
-        sc = ds.scene(i)
-        g, _ = image_gaussians(net, sc["image"][None])
-        for m in DEPTH_MODES:
-            gm = control_depth(g, m, torch.Generator().manual_seed(args.seed + i))[0]
-            diag[m].append(depth_diagnostics(gm, sc, args.size))
-        diag["beyond-pos"].append(depth_diagnostics(beyond_position(g[0]), sc, args.size))
-    results = {m: {"fg_AUC": float(np.nanmean([d[0] for d in v])), "rank_corr": float(np.nanmean([d[1] for d in v])),
-                   "scale_z": float(np.nanmean([d[2] for d in v]))} for m, v in diag.items()}
-    where = f"synthetic{'_anywhere' if args.anywhere else ''}"
-    print_table(f"depth diagnostics on {where}, {len(ds)} scenes (fg AUC: 0.5 = none, < 0.5 = object behind)",
-                results, ["fg_AUC", "rank_corr", "scale_z"])
-    os.makedirs(args.out, exist_ok=True)
-    save_results(args.out, f"depth_{where}.json", results)
-    return results
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -783,17 +486,17 @@ def build_parser():
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("recon", parents=[common], help="input | reconstruction, PSNR")
+    s = sub.add_parser("recon", parents=[common], help="<stem>_recon.png: input | reconstruction, PSNR")
     s.add_argument("--mask", type=float, default=0.0, help="mask ratio (0 = the whole image)")
-    s = sub.add_parser("layers", parents=[common, reading], help="layer map, groups, first-k strip (Figs. 6-7)")
+    s = sub.add_parser("layers", parents=[common, reading], help="<stem>_layers.png: layer map, groups (Figs. 6-7)")
     s.add_argument("--layers", type=int, default=4, help="number of layers L")
-    s = sub.add_parser("figure-ground", parents=[common, reading], help="figure mask and overlay")
+    s = sub.add_parser("figure-ground", parents=[common, reading], help="<stem>_fg.png mask, <stem>_fg_overlay.png")
     s.add_argument("--layers", type=int, default=2, help="number of layers L")
-    s = sub.add_parser("edges", parents=[common, reading], help="soft edge map at the input's size")
+    s = sub.add_parser("edges", parents=[common, reading], help="<stem>.png soft edge map at the input's size")
     s.add_argument("--layers", type=int, default=None, help=f"one L (Fig. 8 hierarchy); default: mean over {EDGE_LAYERS}")
     s.add_argument("--tiles", type=int, default=None, help="window size in input pixels (stride half): local detail")
-    sub.add_parser("gaussians", parents=[common], help="plots of centres, scale vs depth, opacity (matplotlib)")
-    sub.add_parser("export", parents=[common], help="3DGS .ply of each image's Gaussians")
+    sub.add_parser("gaussians", parents=[common], help="<stem>_gaussians.png: centres, scale vs depth, opacity")
+    sub.add_parser("export", parents=[common], help="<stem>.ply: 3DGS layout of each image's Gaussians")
     for name in IMAGE_COMMANDS:
         sub.choices[name].add_argument("images", nargs="+", help="image files and/or folders")
 
@@ -803,7 +506,7 @@ def build_parser():
     synth.add_argument("--size", type=int, default=128, help="synthetic scene size in pixels (resized for the model)")
     synth.add_argument("--limit", type=int, default=None, help="only the first N images of a folder dataset")
     s = sub.add_parser("eval-edges", parents=[common, synth], help="ODS / OIS / AP (BSDS protocol)")
-    s.add_argument("--pred", help="folder of edge PNGs to score")
+    s.add_argument("--pred", help="folder of edge PNGs to score (<stem>.png, as `edges` writes)")
     s.add_argument("--gt", help="folder of BSDS groundTruth .mat files")
     s.add_argument("--split", default="val", choices=["train", "val", "test"], help="BSDS500 split to run")
     s.add_argument("--bsds", default=os.path.join(SHARED_DATA, "bsds500"), help="BSDS500 root")
@@ -820,43 +523,59 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.out = args.out or os.path.join("runs", "zeroshot", args.command)
-    if getattr(args, "layers", None) is not None and args.layers < 1:
-        parser.error(f"--layers must be >= 1, got {args.layers}")
-    if getattr(args, "tiles", None) is not None and args.tiles < 2:
-        parser.error(f"--tiles is a window size in pixels, >= 2, got {args.tiles}")
-    if getattr(args, "nthresh", 1) < 1:
-        parser.error(f"--nthresh must be >= 1, got {args.nthresh}")
+    out = args.out or os.path.join("runs", "zeroshot", args.command)
+    layers, tiles, nthresh = getattr(args, "layers", None), getattr(args, "tiles", None), getattr(args, "nthresh", 1)
+    if layers is not None and layers < 1:
+        parser.error(f"--layers must be >= 1, got {layers}")
+    if tiles is not None and tiles < 2:
+        parser.error(f"--tiles is a window size in pixels, >= 2, got {tiles}")
+    if nthresh < 1:
+        parser.error(f"--nthresh must be >= 1, got {nthresh}")
     if args.command == "eval-depth" and args.synthetic < 1:
         parser.error("eval-depth needs --synthetic N (N >= 1): it scores depth against the scenes' paint order")
+    score_folder = args.command == "eval-edges" and bool(args.pred or args.gt)
+    if score_folder and not (args.pred and args.gt):
+        parser.error("--pred and --gt go together: a folder of edge PNGs and a folder of BSDS .mat files")
 
     net = None
-    if not (args.command == "eval-edges" and (args.pred or args.gt)):
+    if not score_folder:
         try:
-            net, _ = engine.load_checkpoint(args.ckpt)
-        except (FileNotFoundError, ValueError) as e:  # missing, or engine.CheckpointError (a ValueError)
+            net = load_gmae(args.ckpt)
+        except (FileNotFoundError, ValueError) as e:  # missing, engine.CheckpointError (a ValueError), or MAE
             parser.error(str(e))
-        if net.cfg.decoder != "gaussians":
-            parser.error(f"{args.ckpt} is a pixel-decoder (MAE) checkpoint; zero-shot readings need GMAE's Gaussians")
-        net.eval()
-        if getattr(args, "layers", None) is not None and args.layers > net.cfg.num_gaussians:
-            parser.error(f"--layers {args.layers} is more than the model's {net.cfg.num_gaussians} Gaussians")
-    os.makedirs(args.out, exist_ok=True)
+        if layers is not None and layers > net.cfg.num_gaussians:
+            parser.error(f"--layers {layers} is more than the model's {net.cfg.num_gaussians} Gaussians")
+    os.makedirs(out, exist_ok=True)
 
+    seed, backend = args.seed, args.splat
     try:
         if args.command in IMAGE_COMMANDS:
-            try:
-                paths = collect_images(args.images)
-            except FileNotFoundError as e:
-                parser.error(str(e))
-            return 1 if run_on_images(args.command, net, paths, args.out, args) else 0
-        if args.command == "eval-edges":
-            cmd_eval_edges(net, args, parser)
+            depth, threshold = getattr(args, "depth", None), getattr(args, "threshold", None)
+            write = {
+                "recon": lambda img, path: run_recon(net, img, path, out, args.mask, seed, backend),
+                "layers": lambda img, path: run_layers(net, img, path, out, depth, layers, threshold, seed, backend),
+                "figure-ground": lambda img, path: run_figure_ground(net, img, path, out, depth, layers, threshold,
+                                                                     seed, backend),
+                "edges": lambda img, path: run_edges(net, img, path, out, depth, layers, tiles, seed, backend),
+                "gaussians": lambda img, path: run_gaussians(net, img, path, out),
+                "export": lambda img, path: run_export(net, img, path, out),
+            }[args.command]
+            return 1 if run_on_images(args.command, collect_images(args.images), out, write) else 0
+        if score_folder:
+            zeroshot_eval.eval_edge_folder(args.pred, args.gt, nthresh)
+        elif args.command == "eval-edges":
+            items, where = zeroshot_eval.edge_items(args.synthetic, args.size, args.anywhere, args.bsds, args.split,
+                                                    args.limit)
+            out = os.path.join(out, where + (f"_tiles{tiles}" if tiles else ""))
+            zeroshot_eval.eval_edges(items, where, edge_readings(net, tiles, backend, seed), out, nthresh)
         elif args.command == "eval-fg":
-            cmd_eval_fg(net, args, parser)
+            items, where = zeroshot_eval.fg_items(args.synthetic, args.size, args.anywhere, args.masks, args.limit)
+            read = functools.partial(figure_ground_of, layers=layers, threshold=args.threshold, backend=backend)
+            zeroshot_eval.eval_fg(items, where, gaussian_readings(net, read, seed), out, layers, args.threshold)
         else:
-            cmd_eval_depth(net, args, parser)
-    except (ImportError, FileNotFoundError) as e:
+            readings = gaussian_readings(net, lambda g, H, W: g[0], seed)  # the Gaussians [K, 14] themselves
+            zeroshot_eval.eval_depth(args.synthetic, args.size, args.anywhere, readings, out)
+    except (ImportError, FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     return 0
 

@@ -1,5 +1,6 @@
-"""zeroshot.py: layer maps of hand-built scenes, edges on a boundary, figure-ground rule, PLY round trip, every
-command end to end on a tiny checkpoint (33x17 and 481x321 inputs), clear errors, and the BSDS benchmark.
+"""zeroshot.py and zeroshot_eval.py: layer maps of hand-built scenes, edges on a boundary, figure-ground rule, PLY
+round trip, every command end to end on a tiny checkpoint (33x17 and 481x321 inputs), commands sharing --out,
+one-line CLI errors, and the BSDS benchmark.
 
 Run:  pytest -q tests/test_zeroshot.py
 """
@@ -16,6 +17,8 @@ from PIL import Image
 import data
 import train
 import zeroshot as Z
+import zeroshot_eval as ZE
+from cli import cli_error
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 BENCH = os.path.join(SHARED, "bsds500", "bench_reference")
@@ -120,18 +123,18 @@ def test_depth_controls():
 def test_depth_beyond_position_removes_a_radial_pattern():
     g = torch.stack([gaussian(x, y, 0.0, 1.0) for x, y in [(0, 0), (0.5, 0), (0, -0.7), (0.9, 0.9), (-0.3, 0.2)]]).float()
     radial = Z.control_depth(g[None], "radial")[0]
-    assert Z.beyond_position(radial)[:, 2].abs().max() < 1e-5  # depth that is a linear function of r: nothing left
+    assert ZE.beyond_position(radial)[:, 2].abs().max() < 1e-5  # depth that is a linear function of r: nothing left
     bumped = radial.clone()
     bumped[2, 2] += 0.5
-    assert Z.beyond_position(bumped)[:, 2].argmax() == 2  # the one Gaussian off the pattern stands out
+    assert ZE.beyond_position(bumped)[:, 2].argmax() == 2  # the one Gaussian off the pattern stands out
 
 
 def test_sobel_marks_a_step_and_the_ellipse_prior_has_its_area():
     img = torch.zeros(1, 3, 10, 12)
     img[..., 6:] = 1.0
-    e = Z.sobel_edges(img)[0]
+    e = ZE.sobel_edges(img)[0]
     assert e.max() == 1 and (e[:, 5:7] == 1).all() and (e[:, :4] == 0).all()
-    assert Z.ellipse_mask(200, 300).float().mean().item() == pytest.approx(math.pi * 0.35**2, abs=0.005)
+    assert ZE.ellipse_mask(200, 300).float().mean().item() == pytest.approx(math.pi * 0.35**2, abs=0.005)
 
 
 def test_tiles_cover_the_image():
@@ -151,11 +154,11 @@ def test_ply_export_reads_back_the_same_gaussians(tmp_path):
 
 
 def test_auc_and_rank_correlation():
-    assert Z.auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
-    assert Z.auc([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) == 0.0
-    assert Z.auc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5  # ties: no information
-    assert Z.spearman([1, 2, 3, 4], [10, 20, 20, 40]) == pytest.approx(0.9486833, abs=1e-6)
-    assert math.isnan(Z.spearman([1, 1, 1], [1, 2, 3]))
+    assert ZE.auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert ZE.auc([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) == 0.0
+    assert ZE.auc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5  # ties: no information
+    assert ZE.spearman([1, 2, 3, 4], [10, 20, 20, 40]) == pytest.approx(0.9486833, abs=1e-6)
+    assert math.isnan(ZE.spearman([1, 1, 1], [1, 2, 3]))
 
 
 def test_fg_anywhere_moves_only_the_foreground():
@@ -176,25 +179,58 @@ def test_fg_anywhere_moves_only_the_foreground():
 # ------------------------------------------------------------------------------------------ the command line
 
 
-@pytest.mark.parametrize("command", ["recon", "layers", "figure-ground", "edges", "gaussians", "export"])
+OUTPUTS = {"recon": ["_recon.png"], "layers": ["_layers.png"], "figure-ground": ["_fg.png", "_fg_overlay.png"],
+           "edges": [".png"], "gaussians": ["_gaussians.png"], "export": [".ply"]}  # <stem> + each
+
+
+def test_no_two_commands_write_the_same_file():
+    names = [suffix for suffixes in OUTPUTS.values() for suffix in suffixes]
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("command", list(OUTPUTS))
 def test_every_image_command_writes_one_output_per_input(ckpt, images, tmp_path, command):
     if command == "gaussians" and importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib (requirements-eval.txt) not installed")
     out = tmp_path / command
     fast = ["--layers", "2"] if command == "edges" else []  # one L instead of three: a third of the renders
     assert Z.main([command, str(images), "--ckpt", ckpt, "--out", str(out), "--splat", "torch"] + fast) == 0
-    ext = ".ply" if command == "export" else ".png"
+    written = {"small" + suffix for suffix in OUTPUTS[command]} | {"big" + suffix for suffix in OUTPUTS[command]}
+    assert set(os.listdir(out)) == written  # exactly the command's own names, nothing else
     for name, (W, H) in (("small", (33, 17)), ("big", (481, 321))):
-        assert (out / (name + ext)).is_file()
         if command in ("edges", "figure-ground"):
-            im = Image.open(out / f"{name}.png")
+            im = Image.open(out / (name + OUTPUTS[command][0]))
             assert im.size == (W, H) and im.mode == "L"  # the input's width and height, greyscale
         if command == "figure-ground":
-            assert Image.open(out / f"{name}_overlay.png").size == (W, H)
+            assert Image.open(out / f"{name}_fg_overlay.png").size == (W, H)
         if command == "recon":
-            assert Image.open(out / f"{name}.png").size == (2 * W, H)  # input | reconstruction
+            assert Image.open(out / f"{name}_recon.png").size == (2 * W, H)  # input | reconstruction
         if command == "export":
             assert Z.read_ply(out / f"{name}.ply").shape == (16, 14)
+
+
+def test_edges_and_figure_ground_sharing_out_keep_each_others_files(ckpt, images, tmp_path):
+    # torch's global RNG is seeded before each command and each reading: building the model and the patch
+    # shuffle of mask-0 encoding draw from it, so the readings repeat the commands' bit for bit.
+    argv = [str(images / "small.png"), "--ckpt", ckpt, "--out", str(tmp_path), "--splat", "torch", "--layers", "2"]
+    torch.manual_seed(0)
+    assert Z.main(["edges"] + argv) == 0
+    edges_png = (tmp_path / "small.png").read_bytes()
+    torch.manual_seed(0)
+    assert Z.main(["figure-ground"] + argv) == 0
+    assert (tmp_path / "small.png").read_bytes() == edges_png  # figure-ground left the edge map alone
+    img = data.to_tensor(data.load_rgb(images / "small.png"))
+    torch.manual_seed(0)
+    edges = Z.edge_map(Z.load_gmae(ckpt), img, "learned", None, (2,), Z.EDGE_THRESHOLDS, "torch")
+    torch.manual_seed(0)
+    net = Z.load_gmae(ckpt)
+    fg = Z.figure_ground_of(Z.image_gaussians(net, img[None])[0], 17, 33, 2, 0.1, "torch")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "small.png")), data.to_uint8(edges))  # the edge map
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "small_fg.png")), data.to_uint8(fg.float()))  # the mask
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "small_fg.png")))) <= {0, 255}
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "small.png")),
+                              np.asarray(Image.open(tmp_path / "small_fg.png")))
+    assert Image.open(tmp_path / "small_fg_overlay.png").size == (33, 17)
 
 
 def test_tiled_edges_keep_the_input_size(ckpt, images, tmp_path):
@@ -217,12 +253,20 @@ def test_corrupt_image_is_reported_and_the_others_still_run(ckpt, images, tmp_pa
 
 
 def test_missing_image_or_checkpoint_is_a_one_line_error(ckpt, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        Z.main(["edges", str(tmp_path / "nope.png"), "--ckpt", ckpt])
-    assert "no such image file or folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        Z.main(["edges", str(tmp_path), "--ckpt", str(tmp_path / "none.pt")])
-    assert "make one with `python train.py" in capsys.readouterr().err
+    message = cli_error(capsys, Z.main, ["edges", str(tmp_path / "nope.png"), "--ckpt", ckpt])
+    assert message == f"no such image file or folder: {tmp_path / 'nope.png'}"
+    assert "make one with `python train.py" in cli_error(capsys, Z.main, ["edges", str(tmp_path), "--ckpt",
+                                                                        str(tmp_path / "none.pt")])
+
+
+def test_bad_flags_are_a_one_line_error(ckpt, tmp_path, capsys):
+    assert cli_error(capsys, Z.main, ["edges", str(tmp_path), "--layers", "0"]) == "--layers must be >= 1, got 0"
+    assert cli_error(capsys, Z.main, ["layers", str(tmp_path), "--ckpt", ckpt, "--layers", "17"]) == (
+        "--layers 17 is more than the model's 16 Gaussians")
+    assert cli_error(capsys, Z.main, ["eval-edges", "--pred", str(tmp_path)]).startswith("--pred and --gt go together")
+    assert cli_error(capsys, Z.main, ["eval-depth", "--ckpt", ckpt]).startswith("eval-depth needs --synthetic N")
+    message = cli_error(capsys, Z.main, ["eval-fg", "--masks", str(tmp_path), "--ckpt", ckpt, "--out", str(tmp_path)])
+    assert message == f"--masks {tmp_path} needs images/ and masks/ subfolders (ECSSD layout)"
 
 
 def test_eval_fg_and_depth_on_synthetic_scenes(ckpt, tmp_path):
@@ -230,7 +274,7 @@ def test_eval_fg_and_depth_on_synthetic_scenes(ckpt, tmp_path):
     Z.main(["eval-fg", "--synthetic", "6", "--size", "32", "--ckpt", ckpt, "--out", out, "--splat", "torch"])
     Z.main(["eval-depth", "--synthetic", "6", "--size", "32", "--ckpt", ckpt, "--out", out])
     fg = json.load(open(tmp_path / "fg_synthetic.json"))
-    ds = Z.synthetic_scenes(6, 32, False)
+    ds = ZE.synthetic_scenes(6, 32, False)
     fraction = np.mean([ds.scene(i)["mask"].float().mean().item() for i in range(6)])
     assert fg["all"]["IoU"] == pytest.approx(fraction, abs=1e-9)  # all-foreground IoU = foreground fraction
     assert set(fg) == {"learned", "permuted", "radial", "all", "ellipse"}
@@ -251,9 +295,9 @@ def test_boundary_scores_of_a_perfect_prediction_are_one():
     gt = np.zeros((40, 60), np.uint8)
     gt[10, 5:55] = 1  # two straight lines: thinning leaves them as they are
     gt[30, 5:55] = 1
-    th = Z.bsds_thresholds(5)
-    counts = Z.boundary_counts(gt.astype(np.float64), [gt, gt], th)[None]
-    scores = Z.boundary_scores(counts, th)
+    th = ZE.bsds_thresholds(5)
+    counts = ZE.boundary_counts(gt.astype(np.float64), [gt, gt], th)[None]
+    scores = ZE.boundary_scores(counts, th)
     # The official matcher (correspondPixels) adds random outlier edges to its assignment graph, so a perfect
     # prediction can leave a pixel of the 100 unmatched in some runs (0.995 seen in CI): near 1, not exactly 1.
     assert scores["ODS"] == pytest.approx(1.0, abs=0.01) and scores["OIS"] == pytest.approx(1.0, abs=0.01)
@@ -273,7 +317,7 @@ def test_eval_edges_on_synthetic_scenes_scores_every_method(ckpt, tmp_path):
 @pytest.mark.skipif(not os.path.isdir(BENCH), reason="../shared/data/bsds500/bench_reference not present")
 def test_eval_edges_reproduces_the_official_bsds_self_test():
     # bench/data of the official benchmark, 5 thresholds: ODS 0.704628, OIS 0.708698, AP 0.307627 (test_2/eval_bdry.txt)
-    s = Z.score_edge_folder(os.path.join(BENCH, "png"), os.path.join(BENCH, "groundTruth"), nthresh=5)
+    s = ZE.score_edge_folder(os.path.join(BENCH, "png"), os.path.join(BENCH, "groundTruth"), nthresh=5)
     assert s["ODS"] == pytest.approx(0.704628, abs=0.005)
     assert s["OIS"] == pytest.approx(0.708698, abs=0.005)
     assert s["AP"] == pytest.approx(0.307627, abs=0.005)
