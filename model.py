@@ -67,6 +67,11 @@ class GMAEConfig:
     # al. 2022) applied to GMAE's query tokens, so a short run does not spend its steps sorting out which
     # query draws where.
     anchors: bool = False
+    # Departure from the paper (1 = the paper): g Gaussians per decoder query token. The paper's stated limit is
+    # that every Gaussian is a decoder token, so K > ~1000 slows pretraining (attention over 1 + N_vis + K
+    # tokens); here K Gaussians come from K / g query tokens, each token's head output read as g Gaussians,
+    # the way MAE's pixel head reads one token as a whole patch of pixels.
+    gaussians_per_token: int = 1
 
     def __post_init__(self):
         if self.img_size <= 0 or self.patch_size <= 0:
@@ -75,6 +80,9 @@ class GMAEConfig:
             raise ValueError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
         if not 1 <= self.num_gaussians <= 4096:
             raise ValueError(f"--gaussians must be in 1..4096, got {self.num_gaussians}")
+        if self.gaussians_per_token < 1 or self.num_gaussians % self.gaussians_per_token:
+            raise ValueError(f"--gaussians {self.num_gaussians} is not a multiple of --gaussians-per-token "
+                             f"{self.gaussians_per_token}; pick a divisor of it")
         check_mask_ratio(self.mask_ratio, self.num_patches)
         if self.decoder not in ("gaussians", "pixels"):
             raise ValueError(f"--decoder must be 'gaussians' or 'pixels', got {self.decoder!r}")
@@ -90,6 +98,11 @@ class GMAEConfig:
     def num_patches(self):
         return (self.img_size // self.patch_size) ** 2
 
+    @property
+    def num_queries(self):
+        """Decoder query tokens: K / g."""
+        return self.num_gaussians // self.gaussians_per_token
+
     @classmethod
     def preset(cls, model="tiny", **overrides):
         """The configuration `python train.py --model <model>` runs: the widths of MODEL_SIZES[model] and the
@@ -98,7 +111,10 @@ class GMAEConfig:
         GMAEConfig.preset("base", **PAPER)."""
         if model not in MODEL_SIZES:
             raise ValueError(f"--model must be one of {', '.join(MODEL_SIZES)}, got {model!r}")
-        return cls(**{**MODEL_SIZES[model], **LAPTOP_DEFAULTS, **overrides})
+        fields = {**MODEL_SIZES[model], **LAPTOP_DEFAULTS, **overrides}
+        if "gaussians_per_token" not in overrides:  # the laptop recipe keeps the decoder at LAPTOP_QUERIES tokens
+            fields["gaussians_per_token"] = per_token_for(fields["num_gaussians"], LAPTOP_QUERIES)
+        return cls(**fields)
 
 
 # Model sizes. "base" is the paper's ViT-B/16 encoder with MAE's 512-wide, 8-deep decoder; "tiny" runs on a laptop.
@@ -111,9 +127,19 @@ MODEL_SIZES = {
 # paper's choices; README "Laptop defaults" has the measurements): 64 Gaussians, c = 2 for their coverage,
 # the loss on the whole image, per-image centred depth and anchored queries.
 LAPTOP_DEFAULTS = dict(num_gaussians=64, scale_max=2.0, loss_on="all", center_depth=True, anchors=True)
+# More Gaussians than this many come g = K / 64 to a query token, so `--gaussians 512` costs about what 64 do
+# (docs/results.md "Gaussians per token" has the measured step ratios and PSNRs).
+LAPTOP_QUERIES = 64
 # The paper's pretraining (Sec. 4.1, Table 5) at ViT-B/16 and 224 px: GMAEConfig.preset("base", **PAPER).
 PAPER = dict(img_size=224, patch_size=16, num_gaussians=512, scale_max=1.0, loss_on="masked", center_depth=False,
-             anchors=False)
+             anchors=False, gaussians_per_token=1)
+
+
+def per_token_for(num_gaussians, queries):
+    """The smallest g dividing K = num_gaussians with at most `queries` query tokens (K / g <= queries); 1 when K
+    already fits, and 1 too when the only such divisors leave fewer than queries / 2 tokens (a prime K, say)."""
+    g = next(g for g in range(1, num_gaussians + 1) if num_gaussians % g == 0 and num_gaussians // g <= queries)
+    return g if num_gaussians // g >= queries // 2 else 1
 
 
 def normalize(x):
@@ -346,32 +372,43 @@ class GaussianDecoder(nn.Module):
         grid = cfg.img_size // cfg.patch_size
         # The latents keep their patch position (MAE adds the decoder position embedding the same way).
         self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(cfg.dec_dim, grid), requires_grad=False)
-        self.queries = nn.Parameter(torch.zeros(1, cfg.num_gaussians, cfg.dec_dim))
+        self.queries = nn.Parameter(torch.zeros(1, cfg.num_queries, cfg.dec_dim))  # K / g query tokens
         self.blocks = nn.ModuleList(Block(cfg.dec_dim, cfg.dec_heads, cfg.mlp_ratio) for _ in range(cfg.dec_depth))
         self.norm = nn.LayerNorm(cfg.dec_dim, eps=1e-6)
-        self.head = nn.Linear(cfg.dec_dim, splat.PARAM_DIM)
+        self.head = nn.Linear(cfg.dec_dim, splat.PARAM_DIM * cfg.gaussians_per_token)  # g Gaussians per token
         self.apply(init_weights)
         # Initialisation (DESIGN.md 1): if every Gaussian starts at the centre, training crawls. The queries
         # are N(0, 1), so after the final LayerNorm each query has its own unit-variance feature vector; xyz rows
         # of the head with std 1/sqrt(D) then give tanh inputs of std ~1, spreading the centres over [-1, 1]^3.
         # The other rows keep the xavier init (raw outputs of std about 1), so scales, colours and opacities
         # start spread around sigmoid(0) = 0.5.
+        # With g > 1 each of a token's g Gaussians has its own head rows, so they start at g independent places.
         nn.init.normal_(self.queries, std=1.0)
-        nn.init.normal_(self.head.weight[0:3], std=1.0 / math.sqrt(cfg.dec_dim))
+        nn.init.normal_(self.head_rows()[:, 0:3], std=1.0 / math.sqrt(cfg.dec_dim))
         if cfg.anchors:
             self.init_anchors(cfg)
 
+    def head_rows(self):
+        """The head's weight [g, 14, D_dec] as the rows of each of a token's g Gaussians (a view: init writes it)."""
+        return self.head.weight.view(self.cfg.gaussians_per_token, splat.PARAM_DIM, -1)
+
     def init_anchors(self, cfg):
         """GMAEConfig.anchors: query j's identity is its grid point a_j, not random noise. It gets the fixed
-        sin-cos embedding of a_j (the latents carry the same embedding of their patch) and starts there."""
-        a = anchor_grid(cfg.num_gaussians)  # [K, 2], x, y in (-1, 1)
-        g = (a + 1) * cfg.img_size / (2 * cfg.patch_size) - 0.5  # the same point in patch-grid units
-        query_pos = sincos_embed_2d(cfg.dec_dim, g[:, 0], g[:, 1]).float()[None]  # [1, K, D_dec]
+        sin-cos embedding of a_j (the latents carry the same embedding of their patch) and starts there.
+        With g Gaussians per token, the token's cell is split into a g-point sub-grid and each of its Gaussians
+        starts at one of those points: spread over the token's own place, like a pixel head's patch, rather than
+        g copies on one point that would have to break their symmetry first."""
+        t = anchor_grid(cfg.num_queries)  # [K/g, 2], x, y in (-1, 1): the tokens' grid points
+        half_cell = 1.0 / math.ceil(math.sqrt(cfg.num_queries))
+        a = (t[:, None] + anchor_grid(cfg.gaussians_per_token)[None] * half_cell).reshape(-1, 2)  # [K, 2]
+        grid = (t + 1) * cfg.img_size / (2 * cfg.patch_size) - 0.5  # the token points in patch-grid units
+        query_pos = sincos_embed_2d(cfg.dec_dim, grid[:, 0], grid[:, 1]).float()[None]  # [1, K/g, D_dec]
         # fixed and rebuilt from the config, so not saved: checkpoints without anchors load unchanged
         self.register_buffer("query_pos", query_pos, persistent=False)
         self.register_buffer("anchor_logit", torch.atanh(a).float(), persistent=False)  # [K, 2]
         nn.init.normal_(self.queries, std=0.02)  # small beside query_pos (MAE's mask token init)
-        nn.init.normal_(self.head.weight[0:2], std=0.1 / math.sqrt(cfg.dec_dim))  # start near the anchor
+        sub = math.ceil(math.sqrt(cfg.gaussians_per_token))  # the sub-grid's side: jitter shrinks with its cells
+        nn.init.normal_(self.head_rows()[:, 0:2], std=0.1 / math.sqrt(cfg.dec_dim) / sub)  # start near the anchor
 
     def from_anchors(self, raw):
         """x, y = tanh(raw + atanh(a_j)): each anchored Gaussian starts at its grid point, free to go anywhere."""
@@ -387,7 +424,8 @@ class GaussianDecoder(nn.Module):
         x = torch.cat([x, q.expand(x.shape[0], -1, -1)], dim=1)  # [B, 1 + N_vis + K, D_dec]: Eq. 1, no mask tokens
         for blk in self.blocks:
             x = blk(x)
-        raw = self.head(self.norm(x[:, -self.cfg.num_gaussians:]))  # [B, K, 14] from the query outputs only
+        x = self.norm(x[:, -self.cfg.num_queries:])  # [B, K/g, D_dec]: the query outputs only
+        raw = self.head(x).reshape(x.shape[0], self.cfg.num_gaussians, splat.PARAM_DIM)  # [B, K, 14], g per token
         return self.from_anchors(raw) if self.cfg.anchors else raw
 
 

@@ -2,10 +2,10 @@
 Pretrain GMAE (or plain MAE with --decoder pixels) with the MAE recipe.
 
     python train.py                                   # ~4 min on a 2-core CPU: 32 px synthetic scenes
-    python train.py --gaussians 512 --mask 0.75
+    python train.py --gaussians 512 --mask 0.75       # 64 query tokens of 8 Gaussians each (--gaussians-per-token)
     python train.py --decoder pixels                  # the MAE baseline, same code path and loss
     python train.py --data /path/to/imagenet --model base --img-size 224 --patch 16 --gaussians 512 \
-                    --scale-max 1 --loss-on masked --no-center-depth --no-anchors --blr 1e-4 \
+                    --scale-max 1 --loss-on masked --no-center-depth --no-anchors --gaussians-per-token 1 --blr 1e-4 \
                     --epochs 400 --batch-size 256 --warmup-epochs 20      # the paper's setting (GPUs)
 
 The laptop defaults depart from the paper where 4 minutes at 32 px need it (README "Laptop defaults"):
@@ -58,7 +58,7 @@ import splat
 from data import build_dataset, make_loader, to_uint8
 from engine import (CheckpointError, all_reduce_sum, distributed, gather_objects, lr_at, param_groups, read_checkpoint,
                     rng_states, save_checkpoint, set_lr, set_rng_states, unwrap, wrap_ddp)
-from model import GMAE, MODEL_SIZES, GMAEConfig, patchify, reconstruction_metrics, unpatchify
+from model import GMAE, LAPTOP_QUERIES, MODEL_SIZES, GMAEConfig, patchify, reconstruction_metrics, unpatchify
 
 
 class TrainingDiverged(RuntimeError):
@@ -74,6 +74,9 @@ def build_parser():
     p.add_argument("--img-size", type=int, default=d.img_size, help="paper: 224")
     p.add_argument("--patch", type=int, default=d.patch_size, help="patch size (paper: 16)")
     p.add_argument("--gaussians", type=int, default=d.num_gaussians, help="number of Gaussians k (paper: 512)")
+    p.add_argument("--gaussians-per-token", type=int, default=None,
+                   help=f"g Gaussians from each decoder query token (default: K / {LAPTOP_QUERIES} when K > "
+                        f"{LAPTOP_QUERIES}, else 1; paper: 1, one token per Gaussian)")
     p.add_argument("--mask", type=float, default=d.mask_ratio, help="mask ratio (paper: 0.75)")
     p.add_argument("--scale-max", type=float, default=d.scale_max,
                    help="c in scale = c*sigmoid(s); largest std c*W/16 px (paper: 1, ablates 0.5/2)")
@@ -131,10 +134,11 @@ def get_args(argv=None, parser=None):
 
 def config_from_args(args):
     """The model's flags -> GMAEConfig (raises ValueError on a bad value)."""
+    per_token = {} if args.gaussians_per_token is None else {"gaussians_per_token": args.gaussians_per_token}
     return GMAEConfig.preset(
         args.model, img_size=args.img_size, patch_size=args.patch, mask_ratio=args.mask,
         num_gaussians=args.gaussians, scale_max=args.scale_max, decoder=args.decoder, loss_on=args.loss_on,
-        norm_pix=args.norm_pix, center_depth=args.center_depth, anchors=args.anchors)
+        norm_pix=args.norm_pix, center_depth=args.center_depth, anchors=args.anchors, **per_token)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -130,6 +130,6 @@ def test_trains_on_an_image_folder(tmp_path):
 def test_flag_defaults_are_the_tiny_preset_and_the_paper_command_is_the_paper_preset():
     assert train.config_from_args(train.get_args([])) == M.GMAEConfig.preset("tiny")
     paper = ["--model", "base", "--img-size", "224", "--patch", "16", "--gaussians", "512", "--scale-max", "1",
-             "--loss-on", "masked", "--no-center-depth", "--no-anchors"]  # train.py's docstring
+             "--loss-on", "masked", "--no-center-depth", "--no-anchors", "--gaussians-per-token", "1"]  # docstring
     assert train.config_from_args(train.get_args(paper)) == M.GMAEConfig.preset("base", **M.PAPER)
     assert M.GMAEConfig.preset("base", **M.PAPER).enc_dim == 768 and M.PAPER["num_gaussians"] == 512
