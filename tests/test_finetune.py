@@ -1,22 +1,26 @@
-"""finetune.py: layer-decay multipliers and the lr each group gets, mixup / cutmix soft labels, one-line
-command-line errors, and a short run that beats chance.
+"""finetune.py: layer-decay multipliers and the lr each group gets (in the training loop itself), drop path,
+mixup / cutmix soft labels, one-line command-line errors, and a short run that beats chance.
 
     lr of a group = lr_at(step) * layer_decay^(depth + 1 - layer)      (engine.set_lr with its "lr_scale")
+    drop path: each sample's residual branch is zeroed with probability p, else scaled by 1 / (1 - p)
     mixup: x = lam x + (1 - lam) x_rev,  target = lam y + (1 - lam) y_rev,  y = smooth_one_hot(label)
 
 Shapes: B batch, C classes.
 Try it: python -m pytest -q tests/test_finetune.py
 """
 import json
+import math
 import os
 
 import pytest
 import torch
+import torch.nn as nn
 
 import engine
 import finetune
 import model as M
 from cli import cli_error
+from data import labelled_splits
 from labelled_folders import colour_folder
 
 
@@ -49,6 +53,100 @@ def test_each_layer_decay_group_gets_the_scheduled_lr_times_its_scale():
     for g in opt.param_groups:  # the same product, to the bit, as the loop that set g["lr"] by hand before
         assert g["lr"] == lr * g["lr_scale"] and g["lr_scale"] in (0.65 ** 3, 0.65 ** 2, 0.65, 1.0)
     assert max(g["lr"] for g in opt.param_groups) == lr  # the head and final norm: scale 1
+
+
+def hand_layer(name, depth):
+    """The layer of a Classifier parameter, written out: 0 embeddings, i + 1 block i, depth + 1 norm and head."""
+    if name.startswith(("encoder.patch_embed.", "encoder.cls_token")):
+        return 0
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    assert name.startswith(("encoder.norm.", "head.")), name
+    return depth + 1
+
+
+def test_the_training_loop_gives_each_group_the_scheduled_lr_times_its_layer_decay(tmp_path, monkeypatch):
+    # Spy on every AdamW step that finetune() takes: the lr each group holds at that moment is what it trains with.
+    seen = []
+
+    class SpyAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.append([(g["lr"], {id(p) for p in g["params"]}) for g in self.param_groups])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    cfg = small_config()
+    torch.manual_seed(0)
+    encoder = M.Encoder(cfg)
+    train_set, val_set, _ = labelled_splits("synthetic", 16, n_train=16, n_val=8)
+    finetune.finetune(encoder, cfg, train_set, val_set, str(tmp_path), epochs=3, warmup_epochs=1, batch_size=8,
+                      blr=0.64, min_lr=1e-4, layer_decay=0.5, mixup=0.0, cutmix=0.0)
+    layer_of = {id(p): hand_layer("encoder." + n, 2) for n, p in encoder.named_parameters() if p.requires_grad}
+    peak, total, warmup = 0.64 * 8 / 256, 3 * 2, 2  # 16 images / batch 8: 2 steps per epoch
+    assert len(seen) == total
+    for step, groups in enumerate(seen):
+        if step < warmup:
+            scheduled = peak * step / warmup
+        else:
+            scheduled = 1e-4 + (peak - 1e-4) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        for lr, params in groups:
+            layers = {layer_of.get(p, 3) for p in params}  # not in the encoder: the head, layer depth + 1 = 3
+            assert len(layers) == 1
+            assert lr == pytest.approx(scheduled * 0.5 ** (3 - layers.pop()), rel=1e-12, abs=1e-15)
+    # every layer took part: 0.125, 0.25, 0.5 and 1 times the schedule
+    assert {round(lr / seen[3][-1][0], 6) for lr, _ in seen[3]} >= {0.125, 0.25, 0.5, 1.0}
+
+
+class Constant(nn.Module):
+    """A residual branch that ignores its input and returns `value` everywhere."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return torch.full_like(x, self.value)
+
+
+def block_with_constant_branches(drop_path):
+    blk = M.Block(4, 1, drop_path=drop_path)
+    blk.attn, blk.mlp = Constant(1.0), Constant(2.0)  # out = x + d1 * 1 + d2 * 2: each branch readable
+    return blk
+
+
+def test_drop_path_drops_whole_samples_at_the_asked_rate_and_keeps_the_expectation():
+    torch.manual_seed(0)
+    B, p = 8000, 0.25
+    out = block_with_constant_branches(p).train()(torch.zeros(B, 3, 4))  # [B, tokens, channels]
+    per_sample = out[:, 0, 0]
+    assert torch.equal(out, per_sample[:, None, None].expand_as(out))  # one decision per sample: all tokens, channels
+    kept = 1 / (1 - p)
+    attn_on = torch.isclose(per_sample, torch.tensor(kept)) | torch.isclose(per_sample, torch.tensor(3 * kept))
+    mlp_on = torch.isclose(per_sample, torch.tensor(2 * kept)) | torch.isclose(per_sample, torch.tensor(3 * kept))
+    assert (attn_on | mlp_on | (per_sample == 0)).all()  # each branch is 0 or its value / (1 - p), nothing else
+    std = math.sqrt(p * (1 - p) / B)  # 0.0048
+    assert abs((~attn_on).float().mean().item() - p) < 4 * std and abs((~mlp_on).float().mean().item() - p) < 4 * std
+    assert abs((~attn_on & ~mlp_on).float().mean().item() - p * p) < 4 * math.sqrt(p * p / B)  # independent draws
+    assert per_sample.mean().item() == pytest.approx(3.0, abs=0.05)  # E[out] = 1 + 2: the expectation is kept
+
+
+def test_drop_path_is_off_in_eval_and_at_rate_zero():
+    x = torch.randn(64, 3, 4)
+    assert torch.equal(block_with_constant_branches(0.5).eval()(x), x + 1 + 2)
+    assert torch.equal(block_with_constant_branches(0.0).train()(x), x + 1 + 2)
+    cfg = small_config(enc_depth=3)
+    enc = M.Encoder(cfg, drop_path=0.2)
+    assert [b.drop_path for b in enc.blocks] == pytest.approx([0.0, 0.1, 0.2])  # linear in depth, as MAE
+    plain = M.Encoder(cfg)
+    plain.load_state_dict(enc.state_dict())
+    torch.manual_seed(0)
+    imgs = torch.rand(16, 3, 16, 16)
+
+    def latents(encoder):  # mask 0 still shuffles the token order: the same seed, the same order, the same sums
+        return encoder(imgs, 0.0, torch.Generator().manual_seed(0))[0]
+
+    assert torch.equal(latents(enc.eval()), latents(plain.eval()))
+    assert (latents(enc.train()) - latents(plain.train())).abs().max() > 1e-3  # drop path at work
 
 
 def test_label_smoothing_puts_the_documented_mass_on_each_class():
