@@ -1,6 +1,7 @@
 """probe.py, engine.load_encoder and data.labelled_splits: k-NN and top-k by hand, the linear probe, checkpoints
-of either decoder, other image / patch sizes, labelled splits, one-line command-line errors, and the whole
-script beating chance on an easy labelled folder.
+of either decoder, other image / patch sizes, labelled splits, one-line command-line errors, the whole
+script beating chance on an easy labelled folder, and the numbers of --pool mean and --random-init recomputed
+from features and a k-NN written out here.
 
     k-NN score(c) = sum over the k most cosine-similar training features of exp(s_j / T) [label_j = c]
     LARS step of a matrix: lr * 0.001 ||w|| / ||g|| * g;   top-k: % of rows whose label is among the k highest
@@ -157,3 +158,61 @@ def test_probe_script_beats_chance_on_an_easy_folder(tmp_path):
     assert "top5" not in result["linear"]  # 4 classes
     with open(tmp_path / "probe_colours.json") as f:
         assert json.load(f)["knn"]["top1"] == result["knn"]["top1"]
+
+
+def hand_features(encoder, dataset, pool):
+    """Features [M, D] and labels [M]: the normalised cls token, or the mean of the normalised patch tokens
+    (never the cls token)."""
+    imgs, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    with torch.no_grad():
+        tokens = encoder.eval()(M.normalize(torch.stack(imgs)))[0]  # [M, 1 + N, D]
+    feats = tokens[:, 0] if pool == "cls" else tokens[:, 1:].sum(1) / (tokens.shape[1] - 1)
+    return feats, torch.tensor(labels)
+
+
+def hand_knn_top1(train, train_labels, val, val_labels, k, temperature=0.07):
+    """Weighted k-NN top-1 in percent, written as loops (DINO's vote: exp(cosine / T) for each of the k nearest)."""
+    hits = 0
+    for f, y in zip(val, val_labels):
+        cos = [torch.dot(f, t).item() / (f.norm().item() * t.norm().item()) for t in train]
+        nearest = sorted(range(len(cos)), key=lambda j: -cos[j])[:k]
+        votes = {}
+        for j in nearest:
+            votes[train_labels[j].item()] = votes.get(train_labels[j].item(), 0.0) + math.exp(cos[j] / temperature)
+        hits += max(votes, key=votes.get) == y.item()
+    return 100.0 * hits / len(val)
+
+
+SYNTH = ["--n-synthetic", "48", "--n-val", "24", "--epochs", "0", "--knn", "5"]  # hard for these features: no 100 %
+
+
+def test_pool_mean_scores_the_mean_patch_token(tmp_path):
+    model = save_ckpt(tmp_path / "checkpoint.pt", small_config(), seed=1)
+    train_set, val_set, _ = labelled_splits("synthetic", 16, n_train=48, n_val=24, augment=False)
+    results = {}
+    for pool in ("cls", "mean"):
+        results[pool] = probe.main(["--ckpt", str(tmp_path / "checkpoint.pt"), "--pool", pool] + SYNTH)
+        feats = [hand_features(model.encoder, s, pool) for s in (train_set, val_set)]
+        assert results[pool]["knn"]["top1"] == pytest.approx(hand_knn_top1(*feats[0], *feats[1], k=5))
+        assert results[pool]["pool"] == pool
+    assert (tmp_path / "probe_synthetic_mean.json").is_file() and (tmp_path / "probe_synthetic.json").is_file()
+    train_feats, _ = probe.extract_features(model.encoder, train_set, pool="mean")
+    torch.testing.assert_close(train_feats, hand_features(model.encoder, train_set, "mean")[0], rtol=0, atol=1e-5)
+
+
+def test_random_init_scores_an_untrained_encoder_of_the_checkpoints_size(tmp_path, monkeypatch):
+    save_ckpt(tmp_path / "checkpoint.pt", small_config(), seed=1)
+    probed = []
+    real_probe = probe.probe
+    monkeypatch.setattr(probe, "probe", lambda encoder, *a, **kw: probed.append(encoder) or real_probe(encoder, *a, **kw))
+    result = probe.main(["--ckpt", str(tmp_path / "checkpoint.pt"), "--random-init", "--seed", "3"] + SYNTH)
+    torch.manual_seed(3)  # --seed: the untrained encoder's initialisation
+    untrained = M.Encoder(small_config())
+    trained, _ = engine.load_encoder(str(tmp_path / "checkpoint.pt"))
+    used = probed[0].state_dict()
+    assert all(torch.equal(used[k], v) for k, v in untrained.state_dict().items())
+    assert not torch.equal(used["blocks.0.attn.qkv.weight"], trained.state_dict()["blocks.0.attn.qkv.weight"])
+    train_set, val_set, _ = labelled_splits("synthetic", 16, n_train=48, n_val=24, seed=3, augment=False)
+    feats = [hand_features(untrained, s, "cls") for s in (train_set, val_set)]
+    assert result["knn"]["top1"] == pytest.approx(hand_knn_top1(*feats[0], *feats[1], k=5))
+    assert result["random_init"] and (tmp_path / "probe_synthetic_random.json").is_file()
