@@ -19,19 +19,25 @@ saying so.
    noise hits both alike. The paper reports that splatting adds about 1.5 % to a step on GPUs
    (GMAE / MAE = 1.015): a number for --device cuda.
 
+3. --per-token laptop|paper: the training-step ratio GMAE / MAE for K in {64, 256, 512, 1024, 4096} Gaussians,
+   at one Gaussian per decoder token (the paper, g = 1) and at the g the presets pick (model.per_token_for: at
+   most one query token per patch). laptop = GMAEConfig.preset("tiny") at 32 px, batch 32; paper = ViT-B/16
+   at 224 px (preset("base", **PAPER)), batch 2 (--per-token-batch), which a CPU can step.
+
 Machines are shared and noisy: compare ratios within one run, never absolute times across runs.
 """
 import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 import splat
 from data import build_dataset
 from engine import param_groups
-from model import GMAE, GMAEConfig
+from model import GMAE, PAPER, GMAEConfig, per_token_for
 
 SCENES = [(32, 64), (64, 256), (64, 1024), (128, 4096)]  # (image side, Gaussians)
 TRAIN_BATCH = 32  # train.py's --batch-size default
@@ -99,25 +105,9 @@ def bench_train_step(backends, repeats, device, batch=TRAIN_BATCH):
     cfg = GMAEConfig.preset("tiny")
     data = build_dataset("synthetic", cfg.img_size, train=True, n_synthetic=batch)
     x = torch.stack([data[i][0] for i in range(batch)]).to(device)
-    runs = {f"gmae/{b}": ("gaussians", b) for b in backends} | {"mae": ("pixels", "torch")}
-    steps = {}
-    for name, (decoder, backend) in runs.items():
-        torch.manual_seed(0)
-        model = GMAE(GMAEConfig.preset("tiny", decoder=decoder)).to(device)
-        opt = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=1e-4, betas=(0.9, 0.95))
-
-        def step(model=model, opt=opt, backend=backend):
-            loss = model(x, backend=backend)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        steps[name] = step
-    times = {name: [] for name in steps}
-    for _ in range(repeats + 1):  # round-robin; the first round is warm-up
-        for name, step in steps.items():
-            times[name].append(median_ms(step, 1, device, warmup=0))
-    ms = {name: statistics.median(t[1:]) for name, t in times.items()}
+    steps = {f"gmae/{b}": training_step(cfg, x, b) for b in backends}
+    steps["mae"] = training_step(replace(cfg, decoder="pixels"), x, "torch")
+    ms = interleaved_ms(steps, repeats, device)
     # The splatting part alone, on Gaussians of the same count and batch: its share of the GMAE step.
     render_ms = {}
     g = splat.random_gaussians(batch, cfg.num_gaussians, torch.Generator().manual_seed(0)).to(device)
@@ -128,6 +118,56 @@ def bench_train_step(backends, repeats, device, batch=TRAIN_BATCH):
     return {"batch": batch, "img_size": cfg.img_size, "gaussians": cfg.num_gaussians, "ms": ms,
             "ratio_to_mae": {name: ms[name] / ms["mae"] for name in ms if name != "mae"},
             "render_ms": render_ms, "render_share": {b: render_ms[b] / ms[f"gmae/{b}"] for b in backends}}
+
+
+PER_TOKEN_SCALES = {"laptop": (dict(), 32), "paper": (PAPER, 2)}  # preset("tiny" / "base") overrides, batch
+PER_TOKEN_KS = (64, 256, 512, 1024, 4096)
+
+
+def interleaved_ms(steps, repeats, device):
+    """Median ms of each step function, run round-robin (the first round is warm-up) so noise hits all alike."""
+    times = {name: [] for name in steps}
+    for _ in range(repeats + 1):
+        for name, step in steps.items():
+            times[name].append(median_ms(step, 1, device, warmup=0))
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
+
+
+def training_step(cfg, x, backend):
+    """A closure doing one AdamW training step of a fresh GMAE(cfg) on images x."""
+    torch.manual_seed(0)
+    model = GMAE(cfg).to(x.device)
+    opt = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=1e-4, betas=(0.9, 0.95))
+
+    def step():
+        loss = model(x, backend=backend)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def bench_per_token(scale, ks, backend, repeats, device, batch=None):
+    """GMAE / MAE training-step ratios at `scale` for each K, at g = 1 and at the presets' g."""
+    overrides, default_batch = PER_TOKEN_SCALES[scale]
+    base = GMAEConfig.preset("base" if scale == "paper" else "tiny", **overrides)
+    batch = batch or default_batch
+    x = torch.rand(batch, 3, base.img_size, base.img_size, generator=torch.Generator().manual_seed(0)).to(device)
+    rows = []
+    for k in ks:
+        g = per_token_for(k, base.num_patches)
+        runs = {f"g={gg}": replace(base, num_gaussians=k, gaussians_per_token=gg) for gg in dict.fromkeys([1, g])}
+        steps = {name: training_step(cfg, x, backend) for name, cfg in runs.items()}
+        steps["mae"] = training_step(replace(base, decoder="pixels"), x, backend)
+        ms = interleaved_ms(steps, repeats, device)
+        rows.append({"gaussians": k, "recommended_g": g, "ms": ms,
+                     "ratio_to_mae": {name: ms[name] / ms["mae"] for name in runs}})
+        print(f"{scale:>7} K {k:5d}: " + ", ".join(f"{n} {r:.2f}x" for n, r in rows[-1]["ratio_to_mae"].items())
+              + f" MAE's step ({ms['mae']:.0f} ms)", flush=True)
+    return {"scale": scale, "img_size": base.img_size, "patch_size": base.patch_size, "batch": batch,
+            "enc_dim": base.enc_dim, "dec_dim": base.dec_dim, "dec_depth": base.dec_depth, "backend": backend,
+            "rows": rows}
 
 
 def parse_device(name):
@@ -151,11 +191,21 @@ def main(argv=None):
     p.add_argument("--max-dense-gb", type=float, default=6.0, help="skip the torch reference above this")
     p.add_argument("--quick", action="store_true", help="2 repeats each (smoke test)")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--per-token", nargs="+", default=None, choices=list(PER_TOKEN_SCALES),
+                   help="only the Gaussians-per-token step ratios at these scales (section 3)")
+    p.add_argument("--per-token-ks", nargs="+", type=int, default=list(PER_TOKEN_KS))
+    p.add_argument("--per-token-batch", type=int, default=None, help="batch (default: 32 laptop, 2 paper)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.train_repeats = 2, 2
     device = parse_device(args.device)
     backends, skipped = choose_backends(args.splat or splat.available_backends(), device)
+    if args.per_token:
+        fast = [b for b in backends if b != "torch"] or ["torch"]
+        result = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                  "per_token": [bench_per_token(scale, args.per_token_ks, fast[0], args.train_repeats, device,
+                                                args.per_token_batch) for scale in args.per_token]}
+        return write_json(result, args.json)
     for line in skipped:
         print(line)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
@@ -185,8 +235,12 @@ def main(argv=None):
         print(f"{run:>14} {ms:8.1f}" + (f"   GMAE / MAE = {ratio:.3f}{share}" if ratio else ""))
     result = {"device": str(device), "device_name": name, "backends": backends, "skipped": skipped,
               "render": rows, "train_step": step, "threads": torch.get_num_threads()}
-    if args.json:
-        with open(args.json, "w") as f:
+    return write_json(result, args.json)
+
+
+def write_json(result, path):
+    if path:
+        with open(path, "w") as f:
             json.dump(result, f, indent=1)
     return result
 

@@ -58,7 +58,7 @@ import splat
 from data import build_dataset, make_loader, to_uint8
 from engine import (CheckpointError, all_reduce_sum, distributed, gather_objects, lr_at, param_groups, read_checkpoint,
                     rng_states, save_checkpoint, set_lr, set_rng_states, unwrap, wrap_ddp)
-from model import GMAE, LAPTOP_QUERIES, MODEL_SIZES, GMAEConfig, patchify, reconstruction_metrics, unpatchify
+from model import GMAE, MODEL_SIZES, GMAEConfig, patchify, reconstruction_metrics, unpatchify
 
 
 class TrainingDiverged(RuntimeError):
@@ -75,8 +75,8 @@ def build_parser():
     p.add_argument("--patch", type=int, default=d.patch_size, help="patch size (paper: 16)")
     p.add_argument("--gaussians", type=int, default=d.num_gaussians, help="number of Gaussians k (paper: 512)")
     p.add_argument("--gaussians-per-token", type=int, default=None,
-                   help=f"g Gaussians from each decoder query token (default: K / {LAPTOP_QUERIES} when K > "
-                        f"{LAPTOP_QUERIES}, else 1; paper: 1, one token per Gaussian)")
+                   help="g Gaussians from each decoder query token (default: the smallest g leaving at most one "
+                        "query token per patch, e.g. 8 for 512 Gaussians at 32 px; paper: 1, a token per Gaussian)")
     p.add_argument("--mask", type=float, default=d.mask_ratio, help="mask ratio (paper: 0.75)")
     p.add_argument("--scale-max", type=float, default=d.scale_max,
                    help="c in scale = c*sigmoid(s); largest std c*W/16 px (paper: 1, ablates 0.5/2)")
