@@ -1,0 +1,59 @@
+"""study.py: docs/results.md is exactly what render writes from results/*.json; the oracle's numbers; a tiny
+table run end to end puts its run's own numbers on the page."""
+import json
+import math
+import os
+
+import torch
+
+import data
+import study
+from model import patchify
+
+
+def test_committed_results_page_is_what_render_writes(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(open(os.path.join(study.HERE, "README.md")).read())
+    study.render(page=str(tmp_path / "results.md"), readme=str(readme))
+    with open(os.path.join(study.HERE, "docs", "results.md")) as f:
+        assert (tmp_path / "results.md").read_text() == f.read()
+    assert readme.read_text() == open(os.path.join(study.HERE, "README.md")).read()  # README's block too
+
+
+def test_mean_colour_oracle_by_hand():
+    got = study.mean_colour_oracle(n_val=8, img_size=16, mask_ratio=0.5, batch_size=3)
+    val = data.build_dataset("synthetic", 16, train=False, n_synthetic=8, seed=0)
+    imgs = torch.stack([val[i][0] for i in range(8)]).double()  # [8, 3, 16, 16]
+    mean = imgs.mean(dim=(2, 3), keepdim=True)
+    assert math.isclose(got["psnr_full"], 10 * math.log10(1 / ((imgs - mean) ** 2).mean().item()), rel_tol=1e-5)
+    gen, err, n = torch.Generator().manual_seed(0), 0.0, 0
+    for i in range(0, 8, 3):  # the masks model.reconstruction_metrics draws: torch.rand(b, N) per batch, argsort
+        x = imgs[i: i + 3]
+        keep = torch.rand(x.shape[0], 16, generator=gen).argsort(1)[:, :8]
+        masked = torch.ones(x.shape[0], 16)
+        masked[torch.arange(x.shape[0])[:, None], keep] = 0
+        per_patch = (patchify((x - mean[i: i + 3]) ** 2, 4)).sum(-1)  # [b, 16]
+        err += (per_patch * masked).sum().item()
+        n += masked.sum().item() * 48
+    assert math.isclose(got["psnr_masked"], 10 * math.log10(n / err), rel_tol=1e-5)
+
+
+def test_a_tiny_table_runs_and_its_numbers_reach_the_page(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path / "results"))
+    flags = ["--img-size", "16", "--gaussians", "32", "--n-synthetic", "32", "--batch-size", "16", "--epochs", "1",
+             "--val-size", "8"]
+    rows = [study.train("tiny", *flags), study.train("tiny", *flags)]  # the second is reused, not rerun
+    monkeypatch.setattr(study, "TABLES", {"tiny": ("A tiny table", "Two rows of one run.", rows)})
+    monkeypatch.setattr(study, "LONG", {})
+    study.run_tables(["tiny"])
+    result = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert [r["name"] for r in result["rows"]] == ["tiny", "tiny"] and result["command"].endswith("--only tiny")
+    log = [json.loads(line) for line in open(tmp_path / "runs" / "tiny" / "log.jsonl")]
+    assert len(log) == 1 and result["rows"][0]["result"] == log[0]
+    assert result["rows"][0]["config"]["num_gaussians"] == 32
+    assert result["rows"][0]["config"]["gaussians_per_token"] == 2  # 32 Gaussians, 16 patches: 16 tokens of 2
+    page = tmp_path / "results.md"
+    study.render(page=str(page), readme=str(tmp_path / "none.md"))
+    text = page.read_text()
+    assert "## A tiny table" in text and f"| {log[0]['psnr_masked']:.2f} | {log[0]['psnr_full']:.2f} |" in text
