@@ -62,12 +62,13 @@ def test_anchored_centres_are_tanh_of_raw_plus_atanh_of_the_anchor():
         net.decoder.head.bias.zero_()
     g, _ = net.gaussians(torch.rand(2, 3, 16, 16))
     anchors = [(CENTRES[j % 4], CENTRES[j // 4]) for j in range(16)]
-    torch.testing.assert_close(g[0, :, 0:2], torch.tensor(anchors), rtol=0, atol=1e-6)  # raw 0: each Gaussian on its own anchor
+    # raw 0: each Gaussian sits on its own anchor
+    torch.testing.assert_close(g[0, :, 0:2], torch.tensor(anchors), rtol=0, atol=1e-6)
     with torch.no_grad():
         net.decoder.head.bias[0:2] = torch.tensor([0.3, -0.2])
     g, _ = net.gaussians(torch.rand(2, 3, 16, 16))
     moved = [(math.tanh(0.3 + math.atanh(x)), math.tanh(-0.2 + math.atanh(y))) for x, y in anchors]
-    torch.testing.assert_close(g[1, :, 0:2], torch.tensor(moved), rtol=0, atol=1e-6)  # the offset is added in logit space
+    torch.testing.assert_close(g[1, :, 0:2], torch.tensor(moved), rtol=0, atol=1e-6)  # offset added in logit space
 
 
 def test_several_gaussians_per_token_start_on_their_tokens_sub_grid():

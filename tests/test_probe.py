@@ -204,7 +204,7 @@ def test_random_init_scores_an_untrained_encoder_of_the_checkpoints_size(tmp_pat
     save_ckpt(tmp_path / "checkpoint.pt", small_config(), seed=1)
     probed = []
     real_probe = probe.probe
-    monkeypatch.setattr(probe, "probe", lambda encoder, *a, **kw: probed.append(encoder) or real_probe(encoder, *a, **kw))
+    monkeypatch.setattr(probe, "probe", lambda enc, *a, **kw: probed.append(enc) or real_probe(enc, *a, **kw))
     result = probe.main(["--ckpt", str(tmp_path / "checkpoint.pt"), "--random-init", "--seed", "3"] + SYNTH)
     torch.manual_seed(3)  # --seed: the untrained encoder's initialisation
     untrained = M.Encoder(small_config())
