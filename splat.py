@@ -40,6 +40,7 @@ Shapes: B images, K Gaussians, H x W pixels.
 Try it:  python -c "import splat, torch; print(splat.render(torch.rand(1, 8, 14), 16, 16).shape)"
 """
 import functools
+import hashlib
 import math
 import os
 import warnings
@@ -176,16 +177,38 @@ def rasterize_torch(means2d, conic, depth, rgb, opacity, H, W, background=1.0):
 #
 # "cpu" (splat_cpu.cpp, OpenMP) and "cuda" (splat_cuda.cu) are tile-based: each 16 x 16 tile composites only
 # the Gaussians whose culling box meets it, so the cost is pixels x Gaussians-per-pixel, not pixels x K.
-# Both include splat_kernel.h, where the per-pixel forward and backward math is written once. They are
-# compiled on first use by torch.utils.cpp_extension.load (cached in ~/.cache/torch_extensions, or in
-# $TORCH_EXTENSIONS_DIR) and share one autograd.Function. Projection stays in torch: the kernels take means,
-# conics and depths, and z's gradient reaches it through the conic (the camera's J), exactly as in the
-# reference; the depth sort key itself gets none.
+# Both include splat_kernel.h, where the per-pixel forward and backward math is written once, and
+# splat_checks.h, their argument checks. They are compiled on first use by torch.utils.cpp_extension.load
+# (cached in ~/.cache/torch_extensions, or in $TORCH_EXTENSIONS_DIR) and share one autograd.Function.
+# Projection stays in torch: the kernels take means, conics and depths, and z's gradient reaches it through
+# the conic (the camera's J), exactly as in the reference; the depth sort key itself gets none.
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _KERNEL_SOURCES = {"cpu": "splat_cpu.cpp", "cuda": "splat_cuda.cu"}
+_KERNEL_HEADERS = ("splat_kernel.h", "splat_checks.h")  # every local header the sources include
 _extensions = {}  # backend -> compiled module, or the exception its build raised (so it is tried once)
 _warned_fallback = False
+
+
+def _content_hash(paths):
+    """First 16 hex digits of the SHA-256 of the files' contents, in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def _version_define(backend):
+    """-DSPLAT_SOURCE_HASH=<hash of the backend's source and the headers>, passed to the compiler.
+
+    torch.utils.cpp_extension.load reuses a cached build unless the flags or the listed source change (its
+    versioner hashes only those), or ninja finds a file newer than the object. A header edited without a
+    newer mtime (cp -p, tar, rsync -t, a clock behind) would slip through and the old kernel would load;
+    with the contents' hash in the flags, any edit of the source or a header is a new build.
+    """
+    files = [_KERNEL_SOURCES[backend], *_KERNEL_HEADERS]
+    return f"-DSPLAT_SOURCE_HASH={_content_hash([os.path.join(_HERE, f) for f in files])}"
 
 
 def _load_extension(backend):
@@ -197,12 +220,13 @@ def _load_extension(backend):
                 raise RuntimeError("torch.cuda.is_available() is False: no GPU, or a CPU-only torch build")
             from torch.utils.cpp_extension import load
 
+            flags = ["-O3", _version_define(backend)]
             openmp = ["-fopenmp"] if backend == "cpu" else []
             _extensions[backend] = load(
                 name=f"splat_{backend}_ext",
                 sources=[os.path.join(_HERE, _KERNEL_SOURCES[backend])],
-                extra_cflags=["-O3"] + openmp,
-                extra_cuda_cflags=["-O3"],
+                extra_cflags=flags + openmp,
+                extra_cuda_cflags=flags,
                 extra_ldflags=openmp,
             )
         except Exception as e:  # compiler missing, compile error, import error: all mean "not available"

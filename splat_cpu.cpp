@@ -2,7 +2,8 @@
  * splat_cpu.cpp -- tile-based Gaussian rasterizer for the CPU (OpenMP), forward and backward.
  *
  * Same result as `rasterize_torch` in splat.py (the spec) up to float rounding; the per-pixel math is in
- * splat_kernel.h, shared with splat_cuda.cu. Three stages:
+ * splat_kernel.h and the entry points' argument checks in splat_checks.h, both shared with splat_cuda.cu.
+ * Three stages:
  *
  *   1. bin:      every Gaussian's culling box -> the 16 x 16 tiles it meets. Count per tile, prefix-sum,
  *                fill in depth order, so each tile's list is already sorted front to back:
@@ -30,9 +31,9 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
-#include <utility>
 #include <vector>
 
+#include "splat_checks.h"
 #include "splat_kernel.h"
 
 namespace {
@@ -266,65 +267,13 @@ at::Tensor rasterize_backward(const Inputs<scalar_t>& in, const at::Tensor& tile
   return grads;
 }
 
-void check_inputs(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
-                  const at::Tensor& opacity) {
-  TORCH_CHECK(means2d.device().is_cpu(), "splat cpu backend needs CPU tensors, got ", means2d.device());
-  TORCH_CHECK(means2d.dim() == 3 && means2d.size(2) == 2, "means2d must be [B, K, 2], got ", means2d.sizes());
-  const int64_t B = means2d.size(0), K = means2d.size(1);
-  TORCH_CHECK(conic.sizes() == at::IntArrayRef({B, K, 3}), "conic must be [B, K, 3], got ", conic.sizes());
-  TORCH_CHECK(rgb.sizes() == at::IntArrayRef({B, K, 3}), "rgb must be [B, K, 3], got ", rgb.sizes());
-  TORCH_CHECK(opacity.sizes() == at::IntArrayRef({B, K}), "opacity must be [B, K], got ", opacity.sizes());
-  for (const at::Tensor* t : {&means2d, &conic, &rgb, &opacity}) {
-    TORCH_CHECK(t->scalar_type() == means2d.scalar_type(), "all inputs must share one dtype");
-    TORCH_CHECK(t->is_contiguous() && t->device().is_cpu(), "inputs must be contiguous CPU tensors");
-  }
-  TORCH_CHECK(K < (int64_t(1) << 31), "at most 2^31 - 1 Gaussians per image, got ", K);
-}
-
-// The tensors forward saved and the incoming gradient, checked like the inputs: backward indexes them by raw
-// pointer with B, H, W and the tile count taken from them, so a wrong size, dtype, device or layout would read
-// out of bounds instead of failing. Only the values are trusted (they are forward's own).
-void check_saved(const at::Tensor& means2d, const at::Tensor& final_T, const at::Tensor& n_contrib,
-                 const at::Tensor& tile_offsets, const at::Tensor& tile_ids, const at::Tensor& grad_image) {
-  const std::pair<const at::Tensor*, const char*> named[] = {{&final_T, "final_T"}, {&n_contrib, "n_contrib"},
-                                                             {&tile_offsets, "tile_offsets"}, {&tile_ids, "tile_ids"},
-                                                             {&grad_image, "grad_image"}};
-  for (const auto& [t, name] : named) {
-    TORCH_CHECK(t->device() == means2d.device(), "splat backward: ", name, " must be on ", means2d.device(),
-                " like the inputs, got ", t->device());
-    TORCH_CHECK(t->is_contiguous(), "splat backward: ", name, " must be contiguous");
-  }
-  const int64_t B = means2d.size(0);
-  TORCH_CHECK(final_T.dim() == 3 && final_T.size(0) == B, "splat backward: final_T must be [B, H, W] with B = ", B,
-              ", got ", final_T.sizes());
-  const int64_t H = final_T.size(1), W = final_T.size(2);
-  TORCH_CHECK(H > 0 && W > 0, "splat backward: image size must be positive, got ", H, " x ", W);
-  TORCH_CHECK(final_T.scalar_type() == means2d.scalar_type(), "splat backward: final_T must be ",
-              means2d.scalar_type(), " like the inputs, got ", final_T.scalar_type());
-  TORCH_CHECK(n_contrib.scalar_type() == at::kInt && n_contrib.sizes() == final_T.sizes(),
-              "splat backward: n_contrib must be int32 ", final_T.sizes(), ", got ", n_contrib.scalar_type(), " ",
-              n_contrib.sizes());
-  const int64_t n_tiles = ((H + splat::TILE - 1) / splat::TILE) * ((W + splat::TILE - 1) / splat::TILE);
-  TORCH_CHECK(tile_offsets.scalar_type() == at::kLong && tile_offsets.dim() == 1 &&
-                  tile_offsets.size(0) == B * n_tiles + 1,
-              "splat backward: tile_offsets must be int64 [B * n_tiles + 1] = [", B * n_tiles + 1, "], got ",
-              tile_offsets.scalar_type(), " ", tile_offsets.sizes());
-  TORCH_CHECK(tile_ids.scalar_type() == at::kInt && tile_ids.dim() == 1,
-              "splat backward: tile_ids must be int32 [n_entries], got ", tile_ids.scalar_type(), " ",
-              tile_ids.sizes());
-  TORCH_CHECK(grad_image.scalar_type() == means2d.scalar_type() && grad_image.sizes() == at::IntArrayRef({B, 3, H, W}),
-              "splat backward: grad_image must be ", means2d.scalar_type(), " [", B, ", 3, ", H, ", ", W, "], got ",
-              grad_image.scalar_type(), " ", grad_image.sizes());
-}
-
 // Python entry points. order [B, K] (int64) is the stable depth argsort computed in splat.py.
 // Returns image, final_T, n_contrib, tile_offsets, tile_ids (everything backward needs besides the inputs).
 std::vector<at::Tensor> forward(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
                                 const at::Tensor& opacity, const at::Tensor& order, int64_t H, int64_t W,
                                 double background) {
-  check_inputs(means2d, conic, rgb, opacity);
-  TORCH_CHECK(order.scalar_type() == at::kLong && order.is_contiguous() && order.sizes() == opacity.sizes(),
-              "order must be a contiguous int64 [B, K] tensor");
+  splat::check_inputs(means2d, conic, rgb, opacity, at::kCPU, "cpu");
+  splat::check_order(order, means2d, opacity);
   TORCH_CHECK(H > 0 && W > 0, "image size must be positive, got ", H, " x ", W);
   const int B = int(means2d.size(0)), K = int(means2d.size(1));
   const Grid grid{int(H), int(W)};
@@ -342,8 +291,8 @@ at::Tensor backward(const at::Tensor& means2d, const at::Tensor& conic, const at
                     const at::Tensor& opacity, const at::Tensor& final_T, const at::Tensor& n_contrib,
                     const at::Tensor& tile_offsets, const at::Tensor& tile_ids, const at::Tensor& grad_image,
                     double background) {
-  check_inputs(means2d, conic, rgb, opacity);
-  check_saved(means2d, final_T, n_contrib, tile_offsets, tile_ids, grad_image);
+  splat::check_inputs(means2d, conic, rgb, opacity, at::kCPU, "cpu");
+  splat::check_saved(means2d, final_T, n_contrib, tile_offsets, tile_ids, grad_image);
   // The lists' ends agree with tile_ids (on the CPU reading them is free; the cuda backend skips this).
   const int64_t* offsets = tile_offsets.data_ptr<int64_t>();
   TORCH_CHECK(offsets[0] == 0 && offsets[tile_offsets.size(0) - 1] == tile_ids.numel(),

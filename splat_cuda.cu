@@ -1,8 +1,9 @@
 /*
  * splat_cuda.cu -- tile-based Gaussian rasterizer for NVIDIA GPUs, forward and backward.
  *
- * The same algorithm as splat_cpu.cpp, on the same per-pixel math (splat_kernel.h); checked against
- * `rasterize_torch` in splat.py (the spec) by tests/test_splat_backends.py when a GPU is present.
+ * The same algorithm as splat_cpu.cpp, on the same per-pixel math (splat_kernel.h) and argument checks
+ * (splat_checks.h); checked against `rasterize_torch` in splat.py (the spec) by tests/test_splat_backends.py
+ * when a GPU is present.
  *
  *   1. bin:      one thread per Gaussian counts the 16 x 16 tiles its culling box meets; a prefix sum gives
  *                each Gaussian its slots; a second pass writes (image * n_tiles + tile, Gaussian) pairs,
@@ -31,9 +32,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
-#include <utility>
 #include <vector>
 
+#include "splat_checks.h"
 #include "splat_kernel.h"
 
 namespace {
@@ -234,57 +235,6 @@ __global__ void __launch_bounds__(BLOCK)
 
 // ----- Python entry points -----------------------------------------------------------------------------------
 
-void check_inputs(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
-                  const at::Tensor& opacity) {
-  TORCH_CHECK(means2d.is_cuda(), "splat cuda backend needs CUDA tensors, got ", means2d.device());
-  TORCH_CHECK(means2d.dim() == 3 && means2d.size(2) == 2, "means2d must be [B, K, 2], got ", means2d.sizes());
-  const int64_t B = means2d.size(0), K = means2d.size(1);
-  TORCH_CHECK(conic.sizes() == at::IntArrayRef({B, K, 3}), "conic must be [B, K, 3], got ", conic.sizes());
-  TORCH_CHECK(rgb.sizes() == at::IntArrayRef({B, K, 3}), "rgb must be [B, K, 3], got ", rgb.sizes());
-  TORCH_CHECK(opacity.sizes() == at::IntArrayRef({B, K}), "opacity must be [B, K], got ", opacity.sizes());
-  for (const at::Tensor* t : {&means2d, &conic, &rgb, &opacity}) {
-    TORCH_CHECK(t->scalar_type() == means2d.scalar_type(), "all inputs must share one dtype");
-    TORCH_CHECK(t->is_contiguous() && t->device() == means2d.device(), "inputs must be contiguous, on one GPU");
-  }
-  TORCH_CHECK(K < (int64_t(1) << 31), "at most 2^31 - 1 Gaussians per image, got ", K);
-}
-
-// The tensors forward saved and the incoming gradient, checked like the inputs: backward indexes them by raw
-// pointer with B, H, W and the tile count taken from them, so a wrong size, dtype, device or layout would read
-// out of bounds instead of failing. Only the values are trusted (they are forward's own).
-void check_saved(const at::Tensor& means2d, const at::Tensor& final_T, const at::Tensor& n_contrib,
-                 const at::Tensor& tile_offsets, const at::Tensor& tile_ids, const at::Tensor& grad_image) {
-  const std::pair<const at::Tensor*, const char*> named[] = {{&final_T, "final_T"}, {&n_contrib, "n_contrib"},
-                                                             {&tile_offsets, "tile_offsets"}, {&tile_ids, "tile_ids"},
-                                                             {&grad_image, "grad_image"}};
-  for (const auto& [t, name] : named) {
-    TORCH_CHECK(t->device() == means2d.device(), "splat backward: ", name, " must be on ", means2d.device(),
-                " like the inputs, got ", t->device());
-    TORCH_CHECK(t->is_contiguous(), "splat backward: ", name, " must be contiguous");
-  }
-  const int64_t B = means2d.size(0);
-  TORCH_CHECK(final_T.dim() == 3 && final_T.size(0) == B, "splat backward: final_T must be [B, H, W] with B = ", B,
-              ", got ", final_T.sizes());
-  const int64_t H = final_T.size(1), W = final_T.size(2);
-  TORCH_CHECK(H > 0 && W > 0, "splat backward: image size must be positive, got ", H, " x ", W);
-  TORCH_CHECK(final_T.scalar_type() == means2d.scalar_type(), "splat backward: final_T must be ",
-              means2d.scalar_type(), " like the inputs, got ", final_T.scalar_type());
-  TORCH_CHECK(n_contrib.scalar_type() == at::kInt && n_contrib.sizes() == final_T.sizes(),
-              "splat backward: n_contrib must be int32 ", final_T.sizes(), ", got ", n_contrib.scalar_type(), " ",
-              n_contrib.sizes());
-  const int64_t n_tiles = ((H + splat::TILE - 1) / splat::TILE) * ((W + splat::TILE - 1) / splat::TILE);
-  TORCH_CHECK(tile_offsets.scalar_type() == at::kLong && tile_offsets.dim() == 1 &&
-                  tile_offsets.size(0) == B * n_tiles + 1,
-              "splat backward: tile_offsets must be int64 [B * n_tiles + 1] = [", B * n_tiles + 1, "], got ",
-              tile_offsets.scalar_type(), " ", tile_offsets.sizes());
-  TORCH_CHECK(tile_ids.scalar_type() == at::kInt && tile_ids.dim() == 1,
-              "splat backward: tile_ids must be int32 [n_entries], got ", tile_ids.scalar_type(), " ",
-              tile_ids.sizes());
-  TORCH_CHECK(grad_image.scalar_type() == means2d.scalar_type() && grad_image.sizes() == at::IntArrayRef({B, 3, H, W}),
-              "splat backward: grad_image must be ", means2d.scalar_type(), " [", B, ", 3, ", H, ", ", W, "], got ",
-              grad_image.scalar_type(), " ", grad_image.sizes());
-}
-
 template <typename scalar_t>
 Inputs<scalar_t> inputs(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
                         const at::Tensor& opacity) {
@@ -296,10 +246,8 @@ Inputs<scalar_t> inputs(const at::Tensor& means2d, const at::Tensor& conic, cons
 std::vector<at::Tensor> forward(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
                                 const at::Tensor& opacity, const at::Tensor& order, int64_t H, int64_t W,
                                 double background) {
-  check_inputs(means2d, conic, rgb, opacity);
-  TORCH_CHECK(order.scalar_type() == at::kLong && order.is_contiguous() && order.sizes() == opacity.sizes() &&
-                  order.device() == means2d.device(),
-              "order must be a contiguous int64 [B, K] tensor on the inputs' GPU");
+  splat::check_inputs(means2d, conic, rgb, opacity, at::kCUDA, "cuda");
+  splat::check_order(order, means2d, opacity);
   TORCH_CHECK(H > 0 && W > 0, "image size must be positive, got ", H, " x ", W);
   const c10::cuda::CUDAGuard guard(means2d.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -327,9 +275,9 @@ at::Tensor backward(const at::Tensor& means2d, const at::Tensor& conic, const at
                     const at::Tensor& opacity, const at::Tensor& final_T, const at::Tensor& n_contrib,
                     const at::Tensor& tile_offsets, const at::Tensor& tile_ids, const at::Tensor& grad_image,
                     double background) {
-  check_inputs(means2d, conic, rgb, opacity);
+  splat::check_inputs(means2d, conic, rgb, opacity, at::kCUDA, "cuda");
   // Sizes, dtypes, devices and layout only: checking the offsets' values would cost a device-to-host copy.
-  check_saved(means2d, final_T, n_contrib, tile_offsets, tile_ids, grad_image);
+  splat::check_saved(means2d, final_T, n_contrib, tile_offsets, tile_ids, grad_image);
   const c10::cuda::CUDAGuard guard(means2d.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int B = int(means2d.size(0)), K = int(means2d.size(1));

@@ -13,10 +13,14 @@ only where torch sees a GPU. The one-time compile (about 20 s) is cached on disk
 Run:  pytest -q tests/test_splat_backends.py
 """
 import math
+import os
+import re
+import shutil
 import warnings
 
 import pytest
 import torch
+import torch.utils.cpp_extension
 
 import splat
 
@@ -455,3 +459,68 @@ def test_cuda_backward_rejects_saved_tensors_on_the_cpu():
     for name in saved:
         with pytest.raises(RuntimeError, match=f"{name} must be on cuda"):
             call_backward(ext, inputs, saved, **{name: saved[name].cpu()})
+
+
+def forward_args(backend, B=2, K=12, H=20, W=18):
+    """The extension and a valid (means2d, conic, rgb, opacity, order) for its forward, as a dict."""
+    ext = splat._load_extension(backend)
+    g = splat.random_gaussians(B, K, generator=torch.Generator().manual_seed(25)).to(device_of(backend))
+    means2d, conic, depth, rgb, opacity, _ = splat.project(g, H, W)
+    args = dict(means2d=means2d, conic=conic, rgb=rgb, opacity=opacity, order=splat.depth_order(depth))
+    return ext, {name: t.contiguous() for name, t in args.items()}
+
+
+@pytest.mark.parametrize(
+    "name, make_bad, message",
+    [
+        ("means2d", lambda t: t.to("meta"), "splat {backend} backend needs {DEVICE} tensors, got meta"),
+        ("conic", lambda t: t.to("meta"), "splat {backend} backend: inputs must be on one {DEVICE} device: conic is "
+                                          "on meta"),
+        ("conic", lambda t: t[:, :-1].contiguous(), r"conic must be \[B, K, 3\], got \[2, 11, 3\]"),
+        ("rgb", lambda t: t.double(), "all inputs must share one dtype: rgb is Double, means2d Float"),
+        ("opacity", lambda t: t.repeat(1, 2)[:, ::2], "inputs must be contiguous, opacity is not"),
+        ("order", lambda t: t.int(), r"order must be a contiguous int64 \[B, K\] tensor"),
+        ("order", lambda t: t.to("meta"), "order must be .* on the inputs' device"),
+    ],
+)
+def test_forward_rejects_malformed_inputs(backend, name, make_bad, message):
+    ext, args = forward_args(backend)
+    args[name] = make_bad(args[name])
+    with pytest.raises(RuntimeError, match=message.format(backend=backend, DEVICE=backend.upper())):
+        ext.forward(*args.values(), 20, 18, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The on-disk build cache: an edited header must give a new build.
+
+
+def test_kernel_headers_are_every_local_include():
+    included = set()
+    for name in [*splat._KERNEL_SOURCES.values(), *splat._KERNEL_HEADERS]:
+        with open(os.path.join(splat._HERE, name)) as f:
+            included |= set(re.findall(r'^#include "([^"]+)"', f.read(), flags=re.M))
+    assert included == set(splat._KERNEL_HEADERS)
+
+
+def test_version_define_changes_with_each_header_even_at_an_old_mtime(monkeypatch, tmp_path):
+    for name in [*splat._KERNEL_SOURCES.values(), *splat._KERNEL_HEADERS]:
+        shutil.copy2(os.path.join(splat._HERE, name), tmp_path / name)
+    monkeypatch.setattr(splat, "_HERE", str(tmp_path))
+    before = {b: splat._version_define(b) for b in ("cpu", "cuda")}
+    assert re.fullmatch(r"-DSPLAT_SOURCE_HASH=[0-9a-f]{16}", before["cpu"]) and before["cpu"] != before["cuda"]
+    for name in splat._KERNEL_HEADERS:
+        path, text, mtime = tmp_path / name, (tmp_path / name).read_bytes(), os.stat(tmp_path / name).st_mtime_ns
+        path.write_bytes(text + b"\n")
+        os.utime(path, ns=(mtime, mtime))  # the mtime ninja compares is unchanged: only the flags tell
+        assert all(splat._version_define(b) != before[b] for b in before), name
+        path.write_bytes(text)
+        assert {b: splat._version_define(b) for b in before} == before
+
+
+def test_load_passes_the_version_define_to_the_compiler(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kw: calls.append(kw) or "module")
+    monkeypatch.setattr(splat, "_extensions", {})
+    assert splat._load_extension("cpu") == "module"
+    define = splat._version_define("cpu")
+    assert define in calls[0]["extra_cflags"] and define in calls[0]["extra_cuda_cflags"]
