@@ -161,10 +161,14 @@ def bench_per_token(scale, ks, backend, repeats, device, batch=None):
         steps = {name: training_step(cfg, x, backend) for name, cfg in runs.items()}
         steps["mae"] = training_step(replace(base, decoder="pixels"), x, backend)
         ms = interleaved_ms(steps, repeats, device)
-        rows.append({"gaussians": k, "recommended_g": g, "ms": ms,
+        gs = splat.random_gaussians(batch, k, torch.Generator().manual_seed(0)).to(device).requires_grad_()
+        render_ms = median_ms(lambda: splat.render(gs, base.img_size, base.img_size, backend=backend).sum().backward(),
+                              repeats, device)  # the splatting part alone: its share of the step at the presets' g
+        rows.append({"gaussians": k, "recommended_g": g, "ms": ms, "render_ms": render_ms,
+                     "render_share": render_ms / ms[f"g={g}"],
                      "ratio_to_mae": {name: ms[name] / ms["mae"] for name in runs}})
         print(f"{scale:>7} K {k:5d}: " + ", ".join(f"{n} {r:.2f}x" for n, r in rows[-1]["ratio_to_mae"].items())
-              + f" MAE's step ({ms['mae']:.0f} ms)", flush=True)
+              + f" MAE's step ({ms['mae']:.0f} ms); splatting {rows[-1]['render_share']:.1%} of the g={g} step", flush=True)
     return {"scale": scale, "img_size": base.img_size, "patch_size": base.patch_size, "batch": batch,
             "enc_dim": base.enc_dim, "dec_dim": base.dec_dim, "dec_depth": base.dec_depth, "backend": backend,
             "rows": rows}

@@ -257,10 +257,11 @@ def render_speed(t):
             parts.append(f"`{rec['command']}`: {scale['scale']} scale, {scale['img_size']} px, patch "
                          f"{scale['patch_size']}, encoder {scale['enc_dim']} wide, decoder {scale['dec_dim']} x "
                          f"{scale['dec_depth']}, batch {scale['batch']}\n\n" + md_table(
-                             ["K Gaussians", "MAE step ms", "GMAE / MAE at g = 1", "recommended g", "GMAE / MAE there"],
+                             ["K Gaussians", "MAE step ms", "GMAE / MAE at g = 1", "recommended g", "GMAE / MAE there",
+                              "splatting share there"],
                              [[r["gaussians"], fmt(r["ms"]["mae"], 0), fmt(r["ratio_to_mae"]["g=1"]),
-                               r["recommended_g"], fmt(r["ratio_to_mae"][f"g={r['recommended_g']}"])]
-                              for r in scale["rows"]]))
+                               r["recommended_g"], fmt(r["ratio_to_mae"][f"g={r['recommended_g']}"]),
+                               f"{r['render_share']:.1%}"] for r in scale["rows"]]))
     return "\n\n".join(parts)
 
 
