@@ -25,9 +25,9 @@ MASKED_ERR = (0.1, 0.2)  # prediction - image on the masked patches, at the mask
 VISIBLE_ERR = 0.05  # ... on the visible patches (outside the loss region: never in the masked PSNR)
 FULL_PRED = (0.4, 1.2)  # prediction at mask 0: image 1 overshoots and is clamped to 1 (error 0.4)
 LOSS = (0.5, 1.0)
-Z = ([-0.5, 0.0, 0.5, 0.995], [0.2, 0.4, -1.0, 0.6])  # per image, K = 4; |z| > 0.99: 0.995 and -1.0
+Z = ([-0.5, 0.0, 0.5, 0.995], [0.2, 0.4, -1.0, -0.95])  # per image, K = 4; |z| > 0.99: 0.995 and -1.0 only
 SCALE = ([[0.1, 0.2, 0.3], [0.3, 0.3, 0.3], [0.1, 0.1, 0.1], [0.05, 0.05, 0.05]],
-         [[0.4, 0.4, 0.4], [0.2, 0.3, 0.4], [0.9, 0.8, 0.7], [0.2, 0.2, 0.2]])
+         [[0.4, 0.4, 0.4], [0.2, 0.3, 0.4], [0.9, 0.8, 0.7], [0.7, 0.7, 0.7]])
 
 
 class KnownModel(nn.Module):
@@ -84,7 +84,7 @@ def test_depth_statistics_of_hand_made_gaussians():
     assert m["z_std"] == pytest.approx((std0 + std1) / 2, abs=1e-6)
     assert m["z_std"] != pytest.approx(z.std(ddof=1), abs=1e-3)
     assert m["z_mean"] == pytest.approx(z.mean(), abs=1e-6)
-    assert m["z_saturated"] == pytest.approx(2 / 8)  # 0.995 and -1.0
+    assert m["z_saturated"] == pytest.approx(2 / 8)  # 0.995 and -1.0, not -0.95
     # Pearson correlation over all 8 Gaussians of z and the mean of the three scales, written out
     s = np.array(SCALE).mean(-1).ravel()
     zc, sc = z.ravel() - z.mean(), s - s.mean()
