@@ -1,7 +1,7 @@
 """
 The pictures of README.md and docs/walkthrough.md, drawn by the code they explain.
 
-    python docs/make_figures.py          # from the repo root: docs/walkthrough/*.png, about half a minute on one core
+    python docs/make_figures.py          # from the repo root: docs/walkthrough/*.png, seconds on one CPU core
 
 Nothing is trained and nothing is downloaded. The pictures come from
     - an embedded synthetic scene (data.build_dataset("synthetic", ...), validation scene SCENE),
@@ -335,13 +335,14 @@ def paint_order_depth(g, layers):
     ids = layers[rows, cols].float()
     g = g.clone()
     g[0, :, 2] = 1 - 2 * ids / ids.max().clamp_min(1)
+    print(f"paint-order depth: {int((ids == ids.max()).sum())} of {g.shape[1]} Gaussians centred on the foreground")
     return g
 
 
-def draw_layers(sc, g):
+def draw_layers(sc, g_paint):
     """layers.png: zeroshot.layers_strip (paper Figs. 6-7) of the fitted Gaussians with paint-order depth: input,
     all, layer map, each of L = 4 depth groups alone, the first K/8 .. K nearest."""
-    save(zeroshot.layers_strip(paint_order_depth(g, sc["layers"]), sc["image"], 4, 0.1, backend=BACKEND), "layers.png")
+    save(zeroshot.layers_strip(g_paint, sc["image"], 4, 0.1, backend=BACKEND), "layers.png")
 
 
 def readings_row(g, label):
@@ -354,13 +355,13 @@ def readings_row(g, label):
     return hstack(panels)
 
 
-def draw_readings(sc, g):
+def draw_readings(sc, g, g_paint):
     """readings.png: zeroshot.py's readings of the fitted Gaussians, with the fit's own depth and with paint-order
     depth, under the scene and its ground truth."""
     truth = hstack([labelled(to_pil(sc["image"]), "input"), labelled(to_pil(sc["mask"].float()), "true foreground"),
                     labelled(to_pil(sc["boundary"].float()), "true boundaries")])
     save(vstack([truth, readings_row(g, "depth of the fit"),
-                 readings_row(paint_order_depth(g, sc["layers"]), "paint-order depth")]), "readings.png")
+                 readings_row(g_paint, "paint-order depth")]), "readings.png")
 
 
 def main():
@@ -376,8 +377,9 @@ def main():
     draw_compositing()
     g = fit_gaussians(img, k=cfg.num_gaussians, scale_max=cfg.scale_max)
     draw_overview(img, mask, g, cfg)
-    draw_layers(sc, g)
-    draw_readings(sc, g)
+    g_paint = paint_order_depth(g, sc["layers"])
+    draw_layers(sc, g_paint)
+    draw_readings(sc, g, g_paint)
 
 
 if __name__ == "__main__":
