@@ -423,7 +423,7 @@ class GaussianDecoder(nn.Module):
         pos_vis = torch.gather(pos[:, 1:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = x + torch.cat([pos[:, :1], pos_vis], dim=1)  # each latent keeps its patch position
         q = self.queries + self.query_pos if self.cfg.anchors else self.queries
-        x = torch.cat([x, q.expand(x.shape[0], -1, -1)], dim=1)  # [B, 1 + N_vis + K, D_dec]: Eq. 1, no mask tokens
+        x = torch.cat([x, q.expand(x.shape[0], -1, -1)], dim=1)  # [B, 1 + N_vis + K/g, D_dec]: Eq. 1, no mask tokens
         for blk in self.blocks:
             x = blk(x)
         x = self.norm(x[:, -self.cfg.num_queries:])  # [B, K/g, D_dec]: the query outputs only

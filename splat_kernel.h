@@ -148,7 +148,7 @@ template <typename scalar_t>
 SPLAT_HD Gaussian2D<scalar_t> blend_backward(const Gaussian2D<scalar_t>& g, const Hit<scalar_t>& h,
                                              const scalar_t dL_dC[3], scalar_t& T, scalar_t S[3]) {
   Gaussian2D<scalar_t> grad = zero_gaussian<scalar_t>();
-  const scalar_t inv_one_minus = scalar_t(1) / (scalar_t(1) - h.alpha);  // 1 - alpha >= 0.01 thanks to the clamp
+  const scalar_t inv_one_minus = scalar_t(1) / (scalar_t(1) - h.alpha);  // 1 - alpha >= 0.001 thanks to the clamp
   T = T * inv_one_minus;
   const scalar_t w = T * h.alpha;
   scalar_t dL_dalpha = scalar_t(0);
