@@ -5,12 +5,16 @@ Every dataset returns (image, label) with image a float tensor [3, H, W] in [0, 
 pixels itself (model.normalize) because the encoder sees ImageNet-normalised pixels while the loss
 compares renders with [0, 1] pixels (../shared/DESIGN.md 1).
 
-1. SyntheticScenes: "dead leaves" scenes, no download. A background, then random occluding shapes, then one
-   foreground object whose class picks its shape and texture:
+1. SyntheticScenes: "dead leaves" scenes, no download. A background, then 1-4 small flat occluders, then one
+   large upright foreground object (radius 0.3-0.36 of the image, near the centre, drawn last) whose
+   class picks its shape and texture:
        label c  ->  shape SHAPES[c % 5] in {disk, square, triangle, plus, ring},
-                    texture TEXTURES[c // 5] in {flat, stripes, checker}       (up to 15 classes)
-   with random colour, size, position and rotation. Shapes are signed distance fields sdf(p) in pixels
-   (negative inside), painted with coverage clip(0.5 - sdf, 0, 1): one line of anti-aliasing, no supersampling.
+                    texture TEXTURES[c // 5] in {flat, stripes, checker}       (up to 15 classes; default 10)
+   with random colour, size and position (and stripe angle). The class is the one big shape in the picture
+   (the occluders are at most half its radius, never textured), so a 4-minute self-supervised run learns it:
+   a linear probe on its features lands well above the same encoder untrained (probe.py --random-init).
+   Shapes are signed distance fields sdf(p) in pixels (negative inside), painted with coverage
+   clip(0.5 - sdf, 0, 1): one line of anti-aliasing, no supersampling.
    Item i comes from numpy's Generator seeded with (seed, i), so it is the same in every run and worker.
    `scene(i)` also gives the ground truth for zero-shot evaluation (zeroshot.py):
        layers [H, W] id of the visible shape (0 background, higher = nearer), mask = foreground pixels,
@@ -196,7 +200,7 @@ def _paint(rng, texture, colour, x, y, img_size):
         return colour
     # Second colour: a much darker shade of a light colour, or a much lighter shade of a dark one.
     second = colour * 0.3 if colour.mean() > 0.5 else 0.7 + 0.3 * colour
-    period = max(3.0, rng.uniform(0.12, 0.2) * img_size)
+    period = max(3.0, rng.uniform(0.2, 0.3) * img_size)  # 2-3 periods across the foreground, wide enough for Gaussians
     angle, phase = rng.uniform(0, math.pi), rng.uniform(0, 2 * math.pi)
     c, s, f = math.cos(angle), math.sin(angle), 2 * math.pi / period
     wave = np.sin((x * c + y * s) * f + phase)
@@ -220,9 +224,11 @@ def _background(rng, x, y, img_size):
     return c0 * (1 - w[..., None]) + c1 * w[..., None]
 
 
-def render_scene(rng, img_size, label, max_occluders=8, fg_anywhere=False):
-    """One dead-leaves scene: background, 2..max_occluders occluders, then the foreground of class `label`.
-    The foreground's centre is drawn in [0.3, 0.7] of the image (near the centre), or in [0.1, 0.9] with
+def render_scene(rng, img_size, label, max_occluders=4, fg_anywhere=False):
+    """One dead-leaves scene: background, 1..max_occluders small flat occluders, then the foreground of class
+    `label`, large and drawn last, so it is the one object that dominates the image and is never hidden.
+    The foreground stands upright (not turned), so each class has one silhouette; its centre is
+    drawn in [0.4, 0.6] of the image (near the centre), or in [0.1, 0.9] with
     fg_anywhere (the same random draws, so everything else in the scene stays as it is): a val set where a
     centre prior cannot find the object (zeroshot.py's control).
     Returns image uint8 [H, W, 3], layers int64 [H, W] (0 background, k = k-th shape painted) and the
@@ -232,19 +238,21 @@ def render_scene(rng, img_size, label, max_occluders=8, fg_anywhere=False):
     img = _background(rng, x, y, img_size)  # [H, W, 3]
     layers = np.zeros((img_size, img_size), np.int64)
 
-    # Occluders anywhere, any size; the foreground near the centre, large, drawn last so it is never hidden.
+    # Occluders: anywhere, flat, at most about half the foreground's radius, so neither their shape nor a
+    # texture competes with the class. The foreground: near the centre, upright, 0.3-0.36 of the image in
+    # radius (about a third of the pixels for a disk), drawn last.
     shapes = []
-    for _ in range(rng.integers(2, max_occluders + 1)):
+    for _ in range(rng.integers(1, max_occluders + 1)):
         kind = ("disk", "rect", "triangle")[rng.integers(3)]
-        texture = TEXTURES[rng.integers(3)] if rng.random() < 0.4 else "flat"
-        r = img_size * math.exp(rng.uniform(math.log(0.08), math.log(0.35)))
-        shapes.append((kind, texture, r, rng.uniform(0, img_size, 2)))
-    r = img_size * rng.uniform(0.2, 0.3)
-    lo, hi = (0.1, 0.9) if fg_anywhere else (0.3, 0.7)
+        r = img_size * math.exp(rng.uniform(math.log(0.06), math.log(0.16)))
+        shapes.append((kind, "flat", r, rng.uniform(0, img_size, 2)))
+    r = img_size * rng.uniform(0.3, 0.36)
+    lo, hi = (0.1, 0.9) if fg_anywhere else (0.4, 0.6)
     shapes.append((SHAPES[label % len(SHAPES)], TEXTURES[label // len(SHAPES)], r, rng.uniform(lo, hi, 2) * img_size))
 
     for k, (kind, texture, r, (cx, cy)) in enumerate(shapes, start=1):
-        angle, aspect = rng.uniform(0, 2 * math.pi), rng.uniform(0.3, 1.0)
+        turn = 0.0 if k == len(shapes) else math.pi  # the foreground upright, occluders at any angle
+        angle, aspect = rng.uniform(-turn, turn), rng.uniform(0.5, 1.0)  # aspect: rect occluders only
         c, s = math.cos(angle), math.sin(angle)
         u, v = c * (x - cx) + s * (y - cy), c * (y - cy) - s * (x - cx)  # the shape's rotated frame
         sdf = _sdf(kind, u, v, r, aspect)

@@ -103,6 +103,26 @@ def test_foreground_mask_is_the_top_layer_near_the_centre():
         assert ((centre > 0.15) & (centre < 0.85)).all(), f"scene {i}: foreground centred at {centre}"
 
 
+def test_foreground_is_the_one_big_shape_and_occluders_are_flat():
+    """The class must be what the picture is about: the foreground covers at least 12 % of the image and more
+    than twice the visible pixels of any occluder, and occluders carry no texture (that is a class cue)."""
+    ds = data.SyntheticScenes(200)
+    for i in range(200):
+        sc = ds.scene(i)
+        layers, img = sc["layers"].numpy(), sc["image"].permute(1, 2, 0).numpy()
+        fg = layers.max()
+        counts = np.bincount(layers.ravel(), minlength=fg + 1)  # pixels per visible layer
+        assert counts[fg] >= 0.12 * layers.size, f"scene {i}: foreground covers only {counts[fg]} px"
+        assert counts[1:fg].max(initial=0) < 0.5 * counts[fg], f"scene {i}: an occluder rivals the foreground"
+        for k in range(1, fg):
+            region = layers == k
+            interior = region & ~_dilate(_dilate(~region))
+            if interior.sum() >= 10:  # one colour (stripes would split it in two), up to a later shape's corner halo
+                colours = img[interior]
+                same = (np.abs(colours - np.median(colours, 0)).max(1) <= 1.5 / 255).mean()
+                assert same >= 0.8, f"scene {i}: occluder {k} is textured ({same:.2f} of it one colour)"
+
+
 def test_flat_foreground_pixels_have_one_colour_that_differs_from_the_surround():
     ds = data.SyntheticScenes(50)
     checked = 0
