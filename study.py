@@ -135,14 +135,16 @@ def mean_colour_oracle(n_val=256, img_size=32, patch_size=4, mask_ratio=0.75, se
 
 
 def run_row(row, done):
-    """Run one row (or reuse a train run made earlier in this invocation); its record for the JSON."""
-    command = "python " + " ".join(row["argv"])
+    """Run one row (or reuse a train run made earlier); its record for the JSON."""
     if row["kind"] == "oracle":
         t0 = time.time()
         result = mean_colour_oracle()
         return {"name": row["name"], "command": "study.mean_colour_oracle()", "wall_s": time.time() - t0,
                 "result": result}
-    if row["kind"] == "train" and command in done:
+    command = "python " + " ".join(row["argv"])
+    if row["kind"] == "train" and command not in done:
+        done[command] = finished_run(row, command)
+    if row["kind"] == "train" and done[command] is not None:
         return done[command]
     print(f"\n$ {command}", flush=True)
     t0 = time.time()
@@ -154,10 +156,33 @@ def run_row(row, done):
         cfg = read_checkpoint(os.path.join(HERE, row["argv"][-1], "checkpoint.pt"))["config"]
         record["config"] = asdict(cfg)
         done[command] = record
+        with open(os.path.join(HERE, row["argv"][-1], "study.json"), "w") as f:
+            json.dump(record, f, indent=1)
     else:
         with open(os.path.join(HERE, row["json"])) as f:
             record["result"] = json.load(f)
     return record
+
+
+def finished_run(row, command):
+    """The record of a train run an earlier `study.py` left in its folder (study.json), so that a stopped study
+    picks up where it was; None when there is none for this command. A folder whose run finished (its last log
+    line at the last epoch) but has no study.json is reused with train.py's own time_s as its wall time."""
+    out = os.path.join(HERE, row["argv"][-1])
+    if os.path.exists(os.path.join(out, "study.json")):
+        with open(os.path.join(out, "study.json")) as f:
+            record = json.load(f)
+        return record if record["command"] == command else None
+    epochs = int(row["argv"][row["argv"].index("--epochs") + 1]) if "--epochs" in row["argv"] else 20
+    if not os.path.exists(os.path.join(out, "log.jsonl")):
+        return None
+    with open(os.path.join(out, "log.jsonl")) as f:
+        last = json.loads(f.readlines()[-1])
+    if last["epoch"] != epochs:
+        return None
+    cfg = read_checkpoint(os.path.join(out, "checkpoint.pt"))["config"]
+    return {"name": row["name"], "command": command, "wall_s": last["time_s"], "wall_source": "log time_s",
+            "result": last, "config": asdict(cfg)}
 
 
 def run_tables(names):
