@@ -10,7 +10,7 @@
  *                    tile_offsets [B * n_tiles + 1] (int64),  tile_ids [n_entries] (int32 Gaussian index)
  *   2. forward:  one (image, tile) per OpenMP task. The tile's Gaussians are copied into a contiguous
  *                buffer; the tile keeps T and C for its 256 pixels and takes the Gaussians front to back,
- *                each over the pixels of its culling box only. A pixel stops when T would reach 1e-4 and
+ *                each over the rows of its culling box only. A pixel stops when T would reach 1e-4 and
  *                the tile stops when all its pixels have. Per pixel this is exactly the loop of DESIGN.md 3.
  *                Saved for backward: final_T [B, H, W] and n_contrib [B, H, W] (list entries up to and
  *                including the last contributor) -- never a per-pixel list.
@@ -20,8 +20,12 @@
  *                fixed sum order, so results do not depend on the thread count); one pass per image then
  *                adds the rows into [B, K, 9].
  *
- * Cost: O(pixels x Gaussians whose box covers the pixel), instead of the reference's O(pixels x K);
- * pairs far outside a Gaussian's ellipse also skip the exp (splat::power_floor).
+ * Cost: O(pixels x Gaussians whose box covers the pixel), instead of the reference's O(pixels x K).
+ * Speed comes from SIMD: the loop over one row of a Gaussian's box keeps each pixel's state in its own array
+ * slot, and splat_kernel.h's evaluate / blend / blend_backward are branch-free, so the compiler runs 4 or 8
+ * pixels at once (splat.py builds with AVX2 + FMA where the CPU has them; -fno-trapping-math is what lets
+ * GCC turn the selects into vector blends). Measured at 512 Gaussians per 32 px image, batch 32, 2 threads:
+ * forward + backward 41 ms scalar, 17 ms with AVX2 (bench.py --per-token laptop gives the step ratios).
  * Built on first use by splat.py (torch.utils.cpp_extension.load); float32 and float64.
  */
 #include <ATen/Dispatch.h>
@@ -130,6 +134,14 @@ struct Tile {
     return r.x0 <= r.x1 && r.y0 <= r.y1;
   }
   int local(int x, int y) const { return (y - y_begin) * TILE + (x - x_begin); }
+  // The box's columns widened to whole groups of LANES pixels (still inside the tile's 16 columns), so the
+  // row loops below run full SIMD vectors with no scalar remainder. The extra pixels are outside the
+  // culling box, where no pair passes the alpha test (see splat_kernel.h), or outside the image, where the
+  // pixel state masks them out; either way they change nothing.
+  static constexpr int LANES = 8;  // one AVX2 vector of floats
+  int span_begin(const splat::PixelRect& r) const { return x_begin + ((r.x0 - x_begin) & ~(LANES - 1)); }
+  int span_end(const splat::PixelRect& r) const { return x_begin + ((r.x1 - x_begin) | (LANES - 1)); }
+  bool inside(int p) const { return p % TILE < w && p / TILE < h; }
 };
 
 // Stage 2. Returns image [B, 3, H, W], final_T [B, H, W], n_contrib [B, H, W] (int32).
@@ -154,31 +166,36 @@ std::vector<at::Tensor> rasterize_forward(const Inputs<scalar_t>& in, const at::
     const int b = int(job / n_tiles);
     const Tile tile(grid, int(job % n_tiles));
     const auto staged = stage_tile(in, ids, offsets[job], offsets[job + 1], b, K);
-    // Per-pixel state, front to back: transmittance, colour, list entries used, still compositing?
-    scalar_t T[TILE * TILE], C[TILE * TILE][3];
-    int n_used[TILE * TILE];
-    bool live[TILE * TILE];
-    for (int p = 0; p < TILE * TILE; ++p) T[p] = 1, C[p][0] = C[p][1] = C[p][2] = 0, n_used[p] = 0, live[p] = true;
+    // Per-pixel state, front to back: transmittance, colour, list entries used, still compositing? Kept as
+    // one array per quantity, so the loop over a row of a Gaussian's box is a SIMD loop (every pixel's state is
+    // its own; evaluate and blend are branch-free).
+    scalar_t T[TILE * TILE], C0[TILE * TILE], C1[TILE * TILE], C2[TILE * TILE];
+    int32_t n_used[TILE * TILE], live[TILE * TILE];
+    for (int p = 0; p < TILE * TILE; ++p)
+      T[p] = 1, C0[p] = C1[p] = C2[p] = 0, n_used[p] = 0, live[p] = tile.inside(p);  // off-image: never live
     int n_live = tile.w * tile.h;
 
     for (int j = 0; j < int(staged.size()) && n_live > 0; ++j) {
       const Gaussian2D<scalar_t>& g = staged[j];
       splat::PixelRect r;
       if (!tile.clip(g, grid, r)) continue;
-      const scalar_t power_min = splat::power_floor(g);
       for (int y = r.y0; y <= r.y1; ++y) {
-        for (int x = r.x0; x <= r.x1; ++x) {
-          const int p = tile.local(x, y);
+        const scalar_t py = scalar_t(y) + scalar_t(0.5);
+        const int row = tile.local(0, y);  // p = row + x
+        int saturated = 0;
+        for (int x = tile.span_begin(r); x <= tile.span_end(r); ++x) {
+          const int p = row + x;
           splat::Hit<scalar_t> h;
-          if (!live[p] || !splat::evaluate(g, scalar_t(x) + scalar_t(0.5), scalar_t(y) + scalar_t(0.5), power_min, h))
-            continue;
-          if (splat::blend(g, h.alpha, T[p], C[p])) {
-            n_used[p] = j + 1;
-          } else {  // saturated: this pixel takes no more Gaussians
-            live[p] = false;
-            --n_live;
-          }
+          const bool hit = (live[p] != 0) & splat::evaluate(g, scalar_t(x) + scalar_t(0.5), py, h);
+          scalar_t Tp = T[p], C[3] = {C0[p], C1[p], C2[p]};
+          const bool kept = splat::blend(g, hit ? h.alpha : scalar_t(0), Tp, C);  // alpha 0: no change
+          T[p] = Tp, C0[p] = C[0], C1[p] = C[1], C2[p] = C[2];
+          const int took = hit & kept, stopped = hit & !kept;  // stopped: saturated, takes no more Gaussians
+          n_used[p] += took * (j + 1 - n_used[p]);
+          live[p] -= stopped;
+          saturated += stopped;
         }
+        n_live -= saturated;
       }
     }
 
@@ -186,7 +203,9 @@ std::vector<at::Tensor> rasterize_forward(const Inputs<scalar_t>& in, const at::
       for (int x = tile.x_begin; x < tile.x_begin + tile.w; ++x) {
         const int p = tile.local(x, y);
         const int64_t q = y * int64_t(W) + x;
-        for (int ch = 0; ch < 3; ++ch) img[(int64_t(b) * 3 + ch) * HW + q] = C[p][ch] + T[p] * bg;
+        img[(int64_t(b) * 3 + 0) * HW + q] = C0[p] + T[p] * bg;
+        img[(int64_t(b) * 3 + 1) * HW + q] = C1[p] + T[p] * bg;
+        img[(int64_t(b) * 3 + 2) * HW + q] = C2[p] + T[p] * bg;
         fT[b * HW + q] = T[p];
         last[b * HW + q] = n_used[p];
       }
@@ -218,21 +237,25 @@ at::Tensor rasterize_backward(const Inputs<scalar_t>& in, const at::Tensor& tile
     const int b = int(job / n_tiles);
     const Tile tile(grid, int(job % n_tiles));
     const auto staged = stage_tile(in, ids, offsets[job], offsets[job + 1], b, K);
-    // Per-pixel state, back to front: T_{i+1}, S_i (splat_kernel.h), dL/dC, and where the walk starts.
-    scalar_t T[TILE * TILE], S[TILE * TILE][3], dL_dC[TILE * TILE][3];
-    int n_used[TILE * TILE] = {};
+    // Per-pixel state, back to front: T_{i+1}, S_i (splat_kernel.h), dL/dC, and where the walk starts; one
+    // array per quantity, so the loop over a row of a Gaussian's box is a SIMD loop, as in the forward.
+    scalar_t T[TILE * TILE], S0[TILE * TILE], S1[TILE * TILE], S2[TILE * TILE];
+    scalar_t dC0[TILE * TILE], dC1[TILE * TILE], dC2[TILE * TILE];
+    int32_t n_used[TILE * TILE];
+    for (int p = 0; p < TILE * TILE; ++p)  // off-image pixels: no contributor, zero state
+      T[p] = S0[p] = S1[p] = S2[p] = dC0[p] = dC1[p] = dC2[p] = 0, n_used[p] = 0;
     int start = 0;
     for (int y = tile.y_begin; y < tile.y_begin + tile.h; ++y) {
       for (int x = tile.x_begin; x < tile.x_begin + tile.w; ++x) {
         const int p = tile.local(x, y);
         const int64_t q = y * int64_t(W) + x;
         T[p] = fT[b * HW + q];
-        for (int ch = 0; ch < 3; ++ch) {
-          S[p][ch] = T[p] * bg;  // behind the last contributor there is only the background
-          dL_dC[p][ch] = dimg[(int64_t(b) * 3 + ch) * HW + q];
-        }
+        S0[p] = S1[p] = S2[p] = T[p] * bg;  // behind the last contributor there is only the background
+        dC0[p] = dimg[(int64_t(b) * 3 + 0) * HW + q];
+        dC1[p] = dimg[(int64_t(b) * 3 + 1) * HW + q];
+        dC2[p] = dimg[(int64_t(b) * 3 + 2) * HW + q];
         n_used[p] = last[b * HW + q];
-        start = std::max(start, n_used[p]);
+        start = std::max(start, int(n_used[p]));
       }
     }
 
@@ -240,19 +263,31 @@ at::Tensor rasterize_backward(const Inputs<scalar_t>& in, const at::Tensor& tile
       const Gaussian2D<scalar_t>& g = staged[j];
       splat::PixelRect r;
       if (!tile.clip(g, grid, r)) continue;
-      const scalar_t power_min = splat::power_floor(g);
-      Gaussian2D<scalar_t> grad = splat::zero_gaussian<scalar_t>();
+      // Per column of the tile, this Gaussian's gradient summed over the box's rows; the columns are added
+      // in a fixed order at the end (no reduction across SIMD lanes, so no reassociation).
+      scalar_t acc[splat::GRAD_DIM][TILE] = {};
       for (int y = r.y0; y <= r.y1; ++y) {
-        for (int x = r.x0; x <= r.x1; ++x) {
-          const int p = tile.local(x, y);
+        const scalar_t py = scalar_t(y) + scalar_t(0.5);
+        const int row = tile.local(0, y);  // p = row + x
+        for (int x = tile.span_begin(r); x <= tile.span_end(r); ++x) {
+          const int p = row + x, col = x - tile.x_begin;
           splat::Hit<scalar_t> h;
-          if (j >= n_used[p] ||
-              !splat::evaluate(g, scalar_t(x) + scalar_t(0.5), scalar_t(y) + scalar_t(0.5), power_min, h))
-            continue;  // behind this pixel's last contributor, or skipped in forward too
-          splat::accumulate(grad, splat::blend_backward(g, h, dL_dC[p], T[p], S[p]));
+          // Behind this pixel's last contributor, or skipped in forward too: no step (hit false).
+          const bool hit = (j < n_used[p]) & splat::evaluate(g, scalar_t(x) + scalar_t(0.5), py, h);
+          scalar_t Tp = T[p], S[3] = {S0[p], S1[p], S2[p]};
+          const scalar_t dL_dC[3] = {dC0[p], dC1[p], dC2[p]};
+          const Gaussian2D<scalar_t> d = splat::blend_backward(g, h, hit, dL_dC, Tp, S);
+          T[p] = Tp, S0[p] = S[0], S1[p] = S[1], S2[p] = S[2];
+          acc[0][col] += d.u, acc[1][col] += d.v, acc[2][col] += d.a, acc[3][col] += d.b, acc[4][col] += d.c;
+          acc[5][col] += d.opacity, acc[6][col] += d.rgb[0], acc[7][col] += d.rgb[1], acc[8][col] += d.rgb[2];
         }
       }
-      partial[offsets[job] + j] = grad;  // this task's own row
+      scalar_t sum[splat::GRAD_DIM] = {};
+      for (int k = 0; k < splat::GRAD_DIM; ++k)
+        for (int col = 0; col < TILE; ++col) sum[k] += acc[k][col];
+      Gaussian2D<scalar_t>& grad = partial[offsets[job] + j];  // this task's own row
+      grad.u = sum[0], grad.v = sum[1], grad.a = sum[2], grad.b = sum[3], grad.c = sum[4], grad.opacity = sum[5];
+      grad.rgb[0] = sum[6], grad.rgb[1] = sum[7], grad.rgb[2] = sum[8];
     }
   }
 

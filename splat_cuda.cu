@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(BLOCK)
     const int n = int(min(int64_t(BLOCK), end - batch));
     for (int i = 0; i < n && !done; ++i) {
       splat::Hit<scalar_t> h;
-      if (!splat::evaluate(staged[i], px, py, scalar_t(-INFINITY), h)) continue;
+      if (!splat::evaluate(staged[i], px, py, h)) continue;
       if (splat::blend(staged[i], h.alpha, T, C))
         n_used = int(batch - begin) + i + 1;
       else
@@ -219,11 +219,11 @@ __global__ void __launch_bounds__(BLOCK)
     for (int i = batch_end - batch_begin - 1; i >= 0; --i) {
       const Gaussian2D<scalar_t>& g = staged[i];
       splat::Hit<scalar_t> h;
-      const bool hit = batch_begin + i < n_used && splat::evaluate(g, px, py, scalar_t(-INFINITY), h);
+      const bool hit = batch_begin + i < n_used && splat::evaluate(g, px, py, h);
       // Every lane takes part in the shuffles; lanes without a hit add zeros.
       if (!__any_sync(0xffffffffu, hit)) continue;
       const Gaussian2D<scalar_t> d =
-          hit ? splat::blend_backward(g, h, dL_dC, T, S) : splat::zero_gaussian<scalar_t>();
+          hit ? splat::blend_backward(g, h, true, dL_dC, T, S) : splat::zero_gaussian<scalar_t>();
       scalar_t* out = grads + (int64_t(b) * K + staged_id[i]) * splat::GRAD_DIM;  // [u, v, a, b, c, o, rgb]
       warp_add(d.u, out + 0), warp_add(d.v, out + 1);
       warp_add(d.a, out + 2), warp_add(d.b, out + 3), warp_add(d.c, out + 4);

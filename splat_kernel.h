@@ -27,9 +27,8 @@
  * Culling: alpha >= 1/255 needs power >= -ln 255, i.e. Mahalanobis distance <= sqrt(2 ln 255) = 3.329, so
  * the box |dx| <= 3.33 sqrt(Sigma2_xx), |dy| <= 3.33 sqrt(Sigma2_yy) around the mean drops nothing
  * (Sigma2 = conic^-1). Tiles are 16 x 16 pixels; a Gaussian goes into the list of every tile its box meets.
- * Inside the box, a pair with power < -ln(255 opacity) cannot pass the alpha test either; the CPU kernel
- * uses that (power_floor) to skip the exp. Neither shortcut changes a result for opacity in [0, 1], which
- * splat.rasterize enforces (check_opacity): for opacity > 1 the box would cut pairs the reference keeps.
+ * This shortcut changes no result for opacity in [0, 1], which splat.rasterize enforces (check_opacity):
+ * for opacity > 1 the box would cut pairs the reference keeps.
  *
  * The camera lives in splat.project (torch): it gives means, conics and the depth order. Depth reaches the
  * image only through those (a nearer Gaussian has a larger footprint), so the kernels need no camera code
@@ -40,6 +39,7 @@
 #pragma once
 
 #include <math.h>
+#include <string.h>
 
 #ifdef __CUDACC__
 #define SPLAT_HD __host__ __device__ __forceinline__
@@ -91,7 +91,31 @@ SPLAT_HD void accumulate(Gaussian2D<scalar_t>& acc, const Gaussian2D<scalar_t>& 
   acc.rgb[0] += g.rgb[0], acc.rgb[1] += g.rgb[1], acc.rgb[2] += g.rgb[2];
 }
 
-SPLAT_HD float splat_exp(float x) { return expf(x); }
+// exp in float, written out so a compiler can vectorize it (a libm call stops the CPU kernel's SIMD loops):
+// exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 with ln 2 split in two (Cody and Waite 1980), and
+// exp(r) on |r| <= ln(2) / 2 by the degree-7 polynomial of Cephes' expf (S. Moshier); within 2 ulp of expf.
+// x is clamped to [-87.3, 88.3], where 2^n stays a normal float: the callers only need x <= 0, and below
+// -87.3 exp is < 1.2e-38, far under any threshold here. Adding and subtracting 1.5 * 2^23 rounds to nearest.
+SPLAT_HD float splat_exp(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int bits = (int(n) + 127) * (1 << 23);  // 2^n as a float's bit pattern
+#ifdef __CUDA_ARCH__
+  return p * __int_as_float(bits);
+#else
+  float two_n;
+  memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+#endif
+}
 SPLAT_HD double splat_exp(double x) { return exp(x); }
 
 // One (pixel, Gaussian) pair, kept for the backward step.
@@ -103,63 +127,60 @@ struct Hit {
   bool clamped;     // alpha was cut to 0.999: no gradient reaches opacity, mean or conic
 };
 
-// Lowest power at which g can pass the alpha test: opacity exp(power) >= 1/255 needs power >= -ln(255 opacity).
-// Lowered by 1e-3 so that rounding in exp and log can never drop a pair the exact rule keeps; a pair below it
-// is skipped without computing exp (a pure shortcut: the result is the same).
-template <typename scalar_t>
-SPLAT_HD scalar_t power_floor(const Gaussian2D<scalar_t>& g) {
-  return scalar_t(log(ALPHA_MIN / double(g.opacity)) - 1e-3);
-}
-
 // power and alpha of Gaussian g at pixel centre (px, py). Returns false when the pair is skipped
 // (power > 0 or alpha < 1/255); the strict / non-strict comparisons are those of rasterize_torch.
-// power_min = power_floor(g), or -infinity to always take the exp.
+// Branch-free (the exp is taken for every pair, and h is always filled), so the CPU kernel's loops over a row
+// of pixels vectorize; a skipped pair's h is never used.
 template <typename scalar_t>
-SPLAT_HD bool evaluate(const Gaussian2D<scalar_t>& g, scalar_t px, scalar_t py, scalar_t power_min,
-                       Hit<scalar_t>& h) {
+SPLAT_HD bool evaluate(const Gaussian2D<scalar_t>& g, scalar_t px, scalar_t py, Hit<scalar_t>& h) {
   h.dx = px - g.u;
   h.dy = py - g.v;
   const scalar_t power = scalar_t(-0.5) * (g.a * h.dx * h.dx + scalar_t(2) * g.b * h.dx * h.dy + g.c * h.dy * h.dy);
-  if (power > scalar_t(0) || power < power_min) return false;
   h.gauss = splat_exp(power);
   const scalar_t alpha = g.opacity * h.gauss;
   h.clamped = alpha > scalar_t(ALPHA_MAX);
   h.alpha = h.clamped ? scalar_t(ALPHA_MAX) : alpha;
-  return h.alpha >= scalar_t(ALPHA_MIN);
+  // alpha >= 1/255 before the clamp is the same test as after it (the clamp only lowers alpha > 0.999).
+  return (power <= scalar_t(0)) & (alpha >= scalar_t(ALPHA_MIN));
 }
 
 // Front-to-back compositing of one Gaussian into a pixel's (T, C). Returns false when the pixel is
-// saturated: T would fall to <= 1e-4, so this Gaussian and every one behind it are left out.
+// saturated: T would fall to <= 1e-4, so this Gaussian and every one behind it are left out (T and C are
+// then unchanged). Branch-free: alpha = 0 (a skipped pair) changes nothing and returns true, since a pixel
+// still compositing has T > 1e-4.
 template <typename scalar_t>
 SPLAT_HD bool blend(const Gaussian2D<scalar_t>& g, scalar_t alpha, scalar_t& T, scalar_t C[3]) {
   const scalar_t T_next = T * (scalar_t(1) - alpha);
-  if (T_next <= scalar_t(T_MIN)) return false;
-  const scalar_t w = T * alpha;
+  const bool kept = T_next > scalar_t(T_MIN);
+  const scalar_t w = kept ? T * alpha : scalar_t(0);
   C[0] += w * g.rgb[0];
   C[1] += w * g.rgb[1];
   C[2] += w * g.rgb[2];
-  T = T_next;
-  return true;
+  T = kept ? T_next : T;
+  return kept;
 }
 
-// One back-to-front step for a contributing pair (see the top of the file). On entry T = T_{i+1} and
-// S = S_i; on exit T = T_i and S = S_{i-1}. Returns this pixel's share of dL/d(Gaussian i).
+// One back-to-front step for a pair (see the top of the file). On entry T = T_{i+1} and S = S_i; on exit
+// T = T_i and S = S_{i-1}. Returns this pixel's share of dL/d(Gaussian i). A pair that did not contribute
+// (hit false: skipped, or behind the pixel's last contributor) leaves T and S as they are and returns zeros;
+// written without branches (alpha = 0 makes every step an identity) so the CPU kernel's row loops vectorize.
 template <typename scalar_t>
-SPLAT_HD Gaussian2D<scalar_t> blend_backward(const Gaussian2D<scalar_t>& g, const Hit<scalar_t>& h,
+SPLAT_HD Gaussian2D<scalar_t> blend_backward(const Gaussian2D<scalar_t>& g, const Hit<scalar_t>& h, bool hit,
                                              const scalar_t dL_dC[3], scalar_t& T, scalar_t S[3]) {
-  Gaussian2D<scalar_t> grad = zero_gaussian<scalar_t>();
-  const scalar_t inv_one_minus = scalar_t(1) / (scalar_t(1) - h.alpha);  // 1 - alpha >= 0.001 thanks to the clamp
+  Gaussian2D<scalar_t> grad;
+  const scalar_t alpha = hit ? h.alpha : scalar_t(0);
+  const scalar_t inv_one_minus = scalar_t(1) / (scalar_t(1) - alpha);  // 1 - alpha >= 0.001 thanks to the clamp
   T = T * inv_one_minus;
-  const scalar_t w = T * h.alpha;
+  const scalar_t w = T * alpha;
   scalar_t dL_dalpha = scalar_t(0);
   for (int ch = 0; ch < 3; ++ch) {
     grad.rgb[ch] = w * dL_dC[ch];
     dL_dalpha += dL_dC[ch] * (T * g.rgb[ch] - S[ch] * inv_one_minus);
     S[ch] += w * g.rgb[ch];
   }
-  if (h.clamped) return grad;
-  grad.opacity = dL_dalpha * h.gauss;
-  const scalar_t dL_dpower = dL_dalpha * h.alpha;
+  const bool flows = hit & !h.clamped;  // no gradient through the clamp
+  grad.opacity = flows ? dL_dalpha * h.gauss : scalar_t(0);
+  const scalar_t dL_dpower = flows ? dL_dalpha * h.alpha : scalar_t(0);
   grad.u = dL_dpower * (g.a * h.dx + g.b * h.dy);
   grad.v = dL_dpower * (g.b * h.dx + g.c * h.dy);
   grad.a = scalar_t(-0.5) * dL_dpower * h.dx * h.dx;

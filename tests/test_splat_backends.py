@@ -16,6 +16,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -277,6 +279,26 @@ def test_cpu_gradients_do_not_depend_on_thread_count(backend):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_cpu_build_is_named_for_its_instruction_set(backend):
+    if backend != "cpu":
+        pytest.skip("the instruction-set choice is the cpu kernel's")
+    simd, flags = splat._cpu_simd()
+    assert splat._load_extension("cpu").__name__ == f"splat_cpu{simd}_ext"
+    assert "-fno-trapping-math" in flags and (("-mavx2" in flags) == (simd == "_avx2"))
+
+
+def test_generic_cpu_build_matches_reference_too():
+    """The build without AVX2 (what a CPU without it gets) runs this file's reference comparisons as well."""
+    if not splat._cpu_simd()[0]:
+        pytest.skip("this machine already uses the generic build: every other test here covers it")
+    tests = ("random_scenes_match_reference or 4096_gaussians or early_stop or training_curve or thread_count "
+             "or named_for_its_instruction_set")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          f"cpu and ({tests})"], env={**os.environ, "ATEN_CPU_CAPABILITY": "default"},
+                         cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True)
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------------
