@@ -8,8 +8,7 @@ GMAE (Rajasegaran et al. 2025, Sec. 3.2) is MAE (He et al. 2022) with a differen
     encoder: ViT on visible patches + cls token           -> latents [B, 1 + N_vis, D_enc]
     decoder input (paper Eq. 1): Linear(latents) ++ k learnable query tokens, NO mask tokens
     decoder: ViT blocks; the k query outputs -> Linear(D_dec -> 14) -> gaussian_activation
-        (two documented departures, both off here and on in train.py's laptop defaults: anchored queries,
-        GMAEConfig.anchors, and per-image centred depth, GMAEConfig.center_depth)
+        (departures, off in GMAEConfig and on in the laptop preset: centred depth, anchored queries, g per token)
     splat.render(gaussians, H, W) -> reconstruction [B,3,H,W] in [0,1]
     loss = MSE(reconstruction, image) over the pixels of the masked patches
 
@@ -55,22 +54,17 @@ class GMAEConfig:
     decoder: str = "gaussians"  # "gaussians" (GMAE) or "pixels" (MAE baseline)
     loss_on: str = "masked"  # "masked" (paper default) or "all" (paper ablation, Table 1c)
     norm_pix: bool = False  # per-patch normalised targets (MAE's trick; hurts GMAE, Table 1c)
-    # Departure from the paper (off = the paper): subtract each image's mean raw depth before tanh. The
-    # camera makes depth a size knob (footprint x 8 / (z + 8)); when all Gaussians want to be larger (or
-    # smaller), Adam moves the shared depth at full speed until tanh saturates and depth dies. Centring
-    # removes that common mode and keeps only relative depth, which is what layering reads.
+    # Three departures from the paper (off / 1 = the paper; the laptop preset turns them on).
+    # center_depth: subtract each image's mean raw depth before tanh. Depth is a size knob (footprint x 8 / (z + 8));
+    # when all Gaussians want to grow, Adam moves the shared depth until tanh saturates. Centring keeps only the
+    # relative depth that layering reads.
     center_depth: bool = False
-    # Departure from the paper (off = the paper): anchored queries. Query j gets the fixed sin-cos position
-    # embedding of a grid point a_j (the latents carry the same embedding of their patch) and its centre is
-    # x, y = tanh(raw + atanh(a_j)): each Gaussian starts at its own grid point and is free to move anywhere.
-    # The reference-point idea of query-based detectors (Deformable DETR, Zhu et al. 2021; DAB-DETR, Liu et
-    # al. 2022) applied to GMAE's query tokens, so a short run does not spend its steps sorting out which
-    # query draws where.
+    # anchors: query j carries the sin-cos embedding of a grid point a_j and its centre is tanh(raw + atanh(a_j)),
+    # so it starts there (reference points of Deformable DETR, Zhu et al. 2021, and DAB-DETR, Liu et al. 2022).
     anchors: bool = False
-    # Departure from the paper (1 = the paper): g Gaussians per decoder query token. The paper's stated limit is
-    # that every Gaussian is a decoder token, so K > ~1000 slows pretraining (attention over 1 + N_vis + K
-    # tokens); here K Gaussians come from K / g query tokens, each token's head output read as g Gaussians,
-    # the way MAE's pixel head reads one token as a whole patch of pixels.
+    # gaussians_per_token = g: K Gaussians from K / g query tokens, each token's head output read as g Gaussians
+    # (as MAE's pixel head reads a token as a patch). The paper's limit, K > ~1000 slowing pretraining because
+    # every Gaussian is a decoder token, goes.
     gaussians_per_token: int = 1
 
     def __post_init__(self):
@@ -105,10 +99,8 @@ class GMAEConfig:
 
     @classmethod
     def preset(cls, model="tiny", **overrides):
-        """The configuration `python train.py --model <model>` runs: the widths of MODEL_SIZES[model] and the
-        LAPTOP_DEFAULTS recipe, then `overrides` (field names of GMAEConfig). train.py's flag defaults, bench.py
-        and the tests read from here, so the defaults live in this one place. The paper's setting is
-        GMAEConfig.preset("base", **PAPER)."""
+        """What `python train.py --model <model>` runs: MODEL_SIZES[model] and LAPTOP_DEFAULTS, then `overrides`
+        (GMAEConfig fields). The one source of defaults; the paper's is GMAEConfig.preset("base", **PAPER)."""
         if model not in MODEL_SIZES:
             raise ValueError(f"--model must be one of {', '.join(MODEL_SIZES)}, got {model!r}")
         fields = {**MODEL_SIZES[model], **LAPTOP_DEFAULTS, **overrides}
@@ -134,12 +126,9 @@ PAPER = dict(img_size=224, patch_size=16, num_gaussians=512, scale_max=1.0, loss
 
 
 def per_token_for(num_gaussians, queries):
-    """The smallest g dividing K = num_gaussians with at most `queries` query tokens (K / g <= queries); 1 when K
-    already fits, and 1 too when the only such divisors leave fewer than queries / 2 tokens (a prime K, say).
-
-    The presets pass queries = N patches: GMAE's decoder then holds at most 1 + N_vis + N tokens beside MAE's
-    1 + N, so `--gaussians 512` at 32 px (g = 8) or 4096 at 224 px (g = 32) costs about what MAE's decoder does
-    (bench.py --per-token measures it)."""
+    """The smallest g dividing K with K / g <= queries; 1 if that leaves under queries / 2 tokens (a prime K).
+    The presets pass queries = N patches, so the decoder holds at most 1 + N_vis + N tokens beside MAE's 1 + N:
+    512 Gaussians at 32 px (g = 8) or 4096 at 224 px (g = 32) cost about MAE's step (bench.py --per-token)."""
     g = next(g for g in range(1, num_gaussians + 1) if num_gaussians % g == 0 and num_gaussians // g <= queries)
     return g if num_gaussians // g >= queries // 2 else 1
 
@@ -345,13 +334,10 @@ RAW_LIMIT = 1e4  # raw outputs are clamped to +-RAW_LIMIT: every activation belo
 def gaussian_activation(raw, scale_max=1.0, center_depth=False):
     """Raw decoder outputs [..., 14] -> valid Gaussians [..., 14] (DESIGN.md 1; paper Sec. 4.1).
 
-    xyz = tanh (in [-1,1]^3), scale = c sigmoid in world units (largest std c W/16 px at z = 0 under the
-    camera of splat.project), quaternion normalised (w, x, y, z), rgb and opacity sigmoid (in [0,1]).
-
-    Any raw input gives finite, valid Gaussians, so the renderer never sees NaN (tests/test_fuzz.py): NaN
-    becomes 0 and +-inf becomes +-RAW_LIMIT (nan_to_num passes no gradient to those entries), and an all-zero
-    quaternion normalises to 0, which quat_to_rotmat reads as the identity. A diverging run is still caught:
-    its NaN weights give a NaN gradient norm, which train.py reports.
+    xyz = tanh, scale = c sigmoid (largest std c W/16 px at z = 0 under splat.project's camera), quaternion
+    normalised (w, x, y, z), rgb and opacity sigmoid. Any raw input gives finite, valid Gaussians
+    (tests/test_fuzz.py): NaN -> 0, +-inf -> +-RAW_LIMIT (no gradient there), an all-zero quaternion -> 0,
+    which quat_to_rotmat reads as the identity. A diverging run still shows as a NaN gradient norm in train.py.
     """
     raw = torch.nan_to_num(raw, nan=0.0, posinf=RAW_LIMIT, neginf=-RAW_LIMIT).clamp(-RAW_LIMIT, RAW_LIMIT)
     if center_depth:  # raw [..., K, 14]: remove each image's mean raw depth (see GMAEConfig.center_depth)
@@ -379,12 +365,9 @@ class GaussianDecoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dec_dim, eps=1e-6)
         self.head = nn.Linear(cfg.dec_dim, splat.PARAM_DIM * cfg.gaussians_per_token)  # g Gaussians per token
         self.apply(init_weights)
-        # Initialisation (DESIGN.md 1): if every Gaussian starts at the centre, training crawls. The queries
-        # are N(0, 1), so after the final LayerNorm each query has its own unit-variance feature vector; xyz rows
-        # of the head with std 1/sqrt(D) then give tanh inputs of std ~1, spreading the centres over [-1, 1]^3.
-        # The other rows keep the xavier init (raw outputs of std about 1), so scales, colours and opacities
-        # start spread around sigmoid(0) = 0.5.
-        # With g > 1 each of a token's g Gaussians has its own head rows, so they start at g independent places.
+        # Initialisation (DESIGN.md 1): Gaussians all starting at the centre train slowly. N(0, 1) queries and xyz
+        # head rows of std 1/sqrt(D) give tanh inputs of std ~1, centres spread over [-1, 1]^3 (each of a token's
+        # g Gaussians from its own rows); the other rows keep xavier, so the rest starts around sigmoid(0) = 0.5.
         nn.init.normal_(self.queries, std=1.0)
         nn.init.normal_(self.head_rows()[:, 0:3], std=1.0 / math.sqrt(cfg.dec_dim))
         if cfg.anchors:
@@ -395,11 +378,9 @@ class GaussianDecoder(nn.Module):
         return self.head.weight.view(self.cfg.gaussians_per_token, splat.PARAM_DIM, -1)
 
     def init_anchors(self, cfg):
-        """GMAEConfig.anchors: query j's identity is its grid point a_j, not random noise. It gets the fixed
-        sin-cos embedding of a_j (the latents carry the same embedding of their patch) and starts there.
-        With g Gaussians per token, the token's cell is split into a g-point sub-grid and each of its Gaussians
-        starts at one of those points: spread over the token's own place, like a pixel head's patch, rather than
-        g copies on one point that would have to break their symmetry first."""
+        """GMAEConfig.anchors: query j gets the fixed sin-cos embedding of its grid point a_j (the latents carry
+        that of their patch) and starts there. With g per token, its g Gaussians start on a sub-grid of the
+        token's cell, spread like a pixel head's patch, not g copies on one point that must break symmetry."""
         t = anchor_grid(cfg.num_queries)  # [K/g, 2], x, y in (-1, 1): the tokens' grid points
         half_cell = 1.0 / math.ceil(math.sqrt(cfg.num_queries))
         a = (t[:, None] + anchor_grid(cfg.gaussians_per_token)[None] * half_cell).reshape(-1, 2)  # [K, 2]
@@ -532,16 +513,11 @@ def _psnr(sq_err_sum, count):
 def reconstruction_metrics(model, imgs, backend="auto", batch_size=64, seed=0):
     """Reconstruction and depth statistics of `model` on images [B, 3, H, W] in [0, 1] (no gradient).
 
-    psnr_masked: PSNR over the pixels of the masked patches at the model's mask ratio (the loss region; what
-                 the paper's PSNR compares), one fixed mask per image (seeded) so runs are comparable.
-    psnr_full:   PSNR of the whole image through the model at mask 0 (the zero-shot setting).
-    loss:        the training loss at the model's mask ratio.
-    For a Gaussian decoder, at mask 0 (z in [-1, 1]; DESIGN.md 2):
-    z_mean, z_std (the per-image standard deviation of z, averaged over images; 0 = one depth for all),
-    z_saturated (share of Gaussians with |z| > 0.99, where tanh's gradient has died) and
-    corr_scale_z (Pearson correlation over all Gaussians of mean scale and z; the paper's Fig. 10 trend,
-    larger Gaussians nearer, is negative).
-    PSNRs pool the squared error over all pixels first (10 log10(1 / MSE)), not an average of per-image PSNRs.
+    psnr_masked: over the masked patches' pixels at the model's mask ratio (the paper's PSNR), a seeded mask
+    per image; psnr_full: the whole image at mask 0 (the zero-shot setting); loss: the training loss. PSNRs
+    pool the squared error over all pixels (10 log10(1 / MSE)). For Gaussians at mask 0: z_mean, z_std (per
+    image, averaged; 0 = one depth for all), z_saturated (share with |z| > 0.99, where tanh is flat) and
+    corr_scale_z (Pearson, mean scale vs z; the paper's Fig. 10 trend, larger nearer, is negative).
     """
     was_training = model.training
     model.eval()

@@ -93,7 +93,8 @@ SPLAT_HD void accumulate(Gaussian2D<scalar_t>& acc, const Gaussian2D<scalar_t>& 
 
 // exp in float, written out so a compiler can vectorize it (a libm call stops the CPU kernel's SIMD loops):
 // exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 with ln 2 split in two (Cody and Waite 1980), and
-// exp(r) on |r| <= ln(2) / 2 by the degree-7 polynomial of Cephes' expf (S. Moshier); within 2 ulp of expf.
+// exp(r) on |r| <= ln(2) / 2 by the polynomial of Cephes' expf (S. Moshier). Error < 1 ulp of the exact exp
+// on [-87.3, 0] (max 0.99, mean 0.27, measured on 3M points in a float32 emulation without FMA).
 // x is clamped to [-87.3, 88.3], where 2^n stays a normal float: the callers only need x <= 0, and below
 // -87.3 exp is < 1.2e-38, far under any threshold here. Adding and subtracting 1.5 * 2^23 rounds to nearest.
 SPLAT_HD float splat_exp(float x) {
