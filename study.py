@@ -82,11 +82,15 @@ QUICK = {
               [train("gmae_c1", "--scale-max", "1"), train("gmae")]),
     "per_token": ("Number of Gaussians, several per decoder token",
                   "K = 64 g Gaussians from 64 query tokens (`--gaussians K`: the preset picks g = K / 64); "
-                  "4096 Gaussians once. The last two rows time `--epochs 2` of the mission's command against the "
-                  "default.",
-                  [train("gmae"), train("gmae_k128", "--gaussians", "128"), train("gmae_k256", "--gaussians", "256"),
+                  "4096 Gaussians once. Two rows keep K and give the decoder more query tokens (g = 1 at K = 128, "
+                  "g = 16 at 4096): what tokens buy that Gaussians per token do not. The last two rows time "
+                  "`--epochs 2` of the mission's command against the default.",
+                  [train("gmae"), train("gmae_k128", "--gaussians", "128"),
+                   train("gmae_k128_g1", "--gaussians", "128", "--gaussians-per-token", "1"),
+                   train("gmae_k256", "--gaussians", "256"),
                    train("gmae_k512", "--gaussians", "512", "--mask", "0.75"),
                    train("gmae_k4096", "--gaussians", "4096"),
+                   train("gmae_k4096_g16", "--gaussians", "4096", "--gaussians-per-token", "16"),
                    train("epochs2_k64", "--epochs", "2"), train("epochs2_k512", "--gaussians", "512", "--mask", "0.75",
                                                                 "--epochs", "2")]),
     "zeroshot": ("Zero-shot diagnostics of the default GMAE, against controls",
