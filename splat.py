@@ -218,7 +218,7 @@ def _cpu_simd():
     The kernel's per-pixel row loops are written to vectorize (splat_cpu.cpp). -fno-trapping-math lets the
     compiler evaluate both sides of a select (no FP trap is ever enabled; no result changes). Where ATen
     reports an AVX2 CPU (x86-64 with AVX2 and FMA, as nearly every one since 2013), the build also targets
-    AVX2 + FMA: 8 lanes, and 2.3x faster than SSE2 at 512 Gaussians per 32 px image. That build gets its own
+    AVX2 + FMA: 8 lanes, about 1.8x faster than the SSE2 build at 512 Gaussians per 32 px image. That build gets its own
     name, so a cache shared by machines of different kinds (a cluster's home directory) never hands one an
     instruction it lacks. ATEN_CPU_CAPABILITY=default (read by torch at start-up) forces the generic build.
     """

@@ -282,12 +282,11 @@ at::Tensor rasterize_backward(const Inputs<scalar_t>& in, const at::Tensor& tile
           acc[5][col] += d.opacity, acc[6][col] += d.rgb[0], acc[7][col] += d.rgb[1], acc[8][col] += d.rgb[2];
         }
       }
-      scalar_t sum[splat::GRAD_DIM] = {};
-      for (int k = 0; k < splat::GRAD_DIM; ++k)
-        for (int col = 0; col < TILE; ++col) sum[k] += acc[k][col];
-      Gaussian2D<scalar_t>& grad = partial[offsets[job] + j];  // this task's own row
-      grad.u = sum[0], grad.v = sum[1], grad.a = sum[2], grad.b = sum[3], grad.c = sum[4], grad.opacity = sum[5];
-      grad.rgb[0] = sum[6], grad.rgb[1] = sum[7], grad.rgb[2] = sum[8];
+      scalar_t* grad = reinterpret_cast<scalar_t*>(&partial[offsets[job] + j]);  // this task's own row
+      for (int k = 0; k < splat::GRAD_DIM; ++k) {
+        grad[k] = 0;
+        for (int col = 0; col < TILE; ++col) grad[k] += acc[k][col];
+      }
     }
   }
 
