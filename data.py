@@ -33,6 +33,7 @@ Shapes: B batch, H x W pixels.  dataset[i] -> (image [3, H, W] in [0, 1], label 
 Try it:  python data.py --out synthetic_grid.png      (16 scenes: image | foreground mask | boundaries)
 """
 import argparse
+import hashlib
 import itertools
 import math
 import os
@@ -40,7 +41,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -361,13 +362,12 @@ _warned_paths = set()
 
 def to_rgb(im):
     """Any PIL image -> 8-bit RGB. Grayscale, bilevel, CMYK, YCbCr and palette images convert directly;
-    16-bit and 32-bit integer images (modes I;16 and I, from 16-bit PNG or TIFF) whose values pass 255 are
-    scaled by 255 / 65535 instead of being clipped to white; transparency (RGBA, LA, PA, a palette with a
-    transparent colour) is composited onto white, the renderer's background."""
+    integer images of more than 8 bits are scaled by 255 / 65535, decided by the mode, never by the image's own
+    values (a dark 16-bit PNG stays dark): I;16* (16-bit PNG or TIFF) and I (32-bit integer, read as 0..65535,
+    which is what 16-bit files give in older Pillow). Transparency (RGBA, LA, PA, a palette with a transparent
+    colour) is composited onto white, the renderer's background."""
     if im.mode.startswith("I;16") or im.mode == "I":
-        arr = np.asarray(im).astype(np.float64)
-        if arr.max() > 255:
-            arr = arr / 257.0  # 65535 -> 255
+        arr = np.asarray(im).astype(np.float64) / 257.0  # 65535 -> 255
         im = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -376,12 +376,19 @@ def to_rgb(im):
 
 
 def load_rgb(path):
-    """Opens an image file as 8-bit RGB (to_rgb). A file that cannot be decoded, missing or cut short
-    included, raises BrokenImageError naming it; the folder datasets below skip such files."""
+    """Opens an image file as 8-bit RGB (to_rgb), upright: the EXIF orientation a phone camera records is applied
+    (a photo taken in portrait is stored sideways with a tag that says so). A file that cannot be decoded,
+    missing or cut short included, raises BrokenImageError naming it; the folder datasets below skip such
+    files. Running out of memory is not a broken file: MemoryError, naming the file and its size."""
+    size = None
     try:
         with Image.open(path) as im:
+            size = im.size
             im.load()  # decode now: a truncated file fails here, not later in a transform
-            return to_rgb(im)
+            return to_rgb(ImageOps.exif_transpose(im))
+    except MemoryError:
+        where = f" ({size[0]} x {size[1]} pixels)" if size else ""
+        raise MemoryError(f"out of memory while decoding {path}{where}; free memory or downscale the image") from None
     except Exception as e:  # PIL raises OSError, SyntaxError or ValueError depending on the damage
         raise BrokenImageError(f"could not read image {path}: {e}. Replace or delete the file.") from e
 
@@ -398,10 +405,40 @@ def load_or_skip(path):
         return None
 
 
-class ImageFolderDataset(Dataset):
-    """root/<class>/**/<image>: classes are the sorted subfolder names, labels their indices."""
+VAL_FRACTION = 0.1  # a folder without train/ and val/: the share of its files held out for validation
 
-    def __init__(self, root, transform=None):
+
+def held_out(relpath, fraction):
+    """True when the file at relpath (relative to its dataset's root) belongs to the held-out validation split.
+    The test is a hash of the path itself, compared with fraction: the same on every machine, run and process,
+    and a file's split never changes when files are added to or removed from the folder."""
+    digest = hashlib.sha256(relpath.replace(os.sep, "/").encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def _split_files(root, paths, split, val_fraction):
+    """paths (under root) of one split: all of them (split None), or those held_out picks (val) or not (train)."""
+    if split is None:
+        return paths
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train', 'val' or None, got {split!r}")
+    return [p for p in paths if held_out(os.path.relpath(p, root), val_fraction) == (split == "val")]
+
+
+def _check_split(root, samples, total, split, val_fraction):
+    if not samples:
+        where = "falls in the val split" if split == "val" else "is left for training after holding out"
+        change = "raise" if split == "val" else "lower"
+        raise ValueError(f"no file of the {total} images under {root} {where} --val-fraction {val_fraction:g}; {change} "
+                         f"--val-fraction, add images, or give {root}/train and {root}/val")
+
+
+class ImageFolderDataset(Dataset):
+    """root/<class>/**/<image>: classes are the sorted subfolder names, labels their indices.
+    split "train" / "val" keeps the files that held_out(path relative to root, val_fraction) leaves in / takes out
+    (a folder without its own train/ and val/); None keeps all."""
+
+    def __init__(self, root, transform=None, split=None, val_fraction=VAL_FRACTION):
         _check_dir(root)
         self.root, self.transform = root, transform
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
@@ -413,7 +450,12 @@ class ImageFolderDataset(Dataset):
         for label, (name, paths) in enumerate(zip(self.classes, per_class)):
             if not paths:
                 raise FileNotFoundError(f"class folder {os.path.join(root, name)} has no images; add some or remove it")
-            self.samples += [(p, label) for p in paths]
+            kept = _split_files(root, paths, split, val_fraction)
+            if split == "train" and not kept:
+                raise ValueError(f"every image of class folder {os.path.join(root, name)} falls in the held-out val "
+                                 f"split (--val-fraction {val_fraction:g}); add images or give {root}/train and {root}/val")
+            self.samples += [(p, label) for p in kept]
+        _check_split(root, self.samples, sum(map(len, per_class)), split, val_fraction)
 
     def __len__(self):
         return len(self.samples)
@@ -425,14 +467,16 @@ class ImageFolderDataset(Dataset):
 
 
 class FlatFolderDataset(Dataset):
-    """Every image under root (recursive), unlabelled: label -1, num_classes None."""
+    """Every image under root (recursive), unlabelled: label -1, num_classes None. split as ImageFolderDataset."""
 
-    def __init__(self, root, transform=None):
+    def __init__(self, root, transform=None, split=None, val_fraction=VAL_FRACTION):
         _check_dir(root)
         self.root, self.transform = root, transform
-        self.samples = list_images(root)
-        if not self.samples:
+        paths = list_images(root)
+        if not paths:
             raise _no_images(root)
+        self.samples = _split_files(root, paths, split, val_fraction)
+        _check_split(root, self.samples, len(paths), split, val_fraction)
         self.classes, self.num_classes = [], None
 
     def __len__(self):
@@ -443,9 +487,40 @@ class FlatFolderDataset(Dataset):
         return None if img is None else (_apply(self.transform, img), -1)
 
 
-def build_dataset(data, img_size, train=True, n_synthetic=None, seed=0, augment=None):
-    """data = "synthetic" or a folder. Folders: root/{train,val} picks the split when both exist; then image
-    files directly in the folder make it a flat folder, otherwise subfolders are classes.
+def folder_split(data, val_fraction=VAL_FRACTION):
+    """How a folder is split into train and val: (train root, val root, held out), held out True when both
+    splits come from one folder by held_out. data/train and data/val when both exist; data/train alone is held
+    out from; data itself otherwise (its subfolders are classes, or its images one unlabelled set)."""
+    _check_dir(data)
+    has_train, has_val = (os.path.isdir(os.path.join(data, s)) for s in ("train", "val"))
+    if has_val and not has_train:
+        raise ValueError(f"{data} has a val/ folder but no train/; give both, or neither (then "
+                         f"--val-fraction {val_fraction:g} of the files are held out)")
+    if has_train and has_val:
+        return os.path.join(data, "train"), os.path.join(data, "val"), False
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1) for {data}, which has no train/ and val/ folders to "
+                         f"split it, got {val_fraction:g}")
+    root = os.path.join(data, "train") if has_train else data
+    return root, root, True
+
+
+def split_note(data, val_fraction=VAL_FRACTION):
+    """One line for a script's start-up: where train and val come from."""
+    if data == "synthetic":
+        return "split: synthetic train and val scenes drawn from different seeds"
+    train_root, val_root, held = folder_split(data, val_fraction)
+    if not held:
+        return f"split: {train_root} for training, {val_root} for validation"
+    return (f"split: {train_root} has no train/ and val/ folders, so {val_fraction:.0%} of its files are held out for "
+            "validation, picked by a hash of each file's relative path (the same on every machine and run; "
+            "--val-fraction)")
+
+
+def build_dataset(data, img_size, train=True, n_synthetic=None, seed=0, augment=None, val_fraction=VAL_FRACTION):
+    """data = "synthetic" or a folder. Folders (folder_split): data/{train,val} when both exist, else val is the
+    val_fraction of the files held_out picks and train the rest, so no file is in both. Image files directly
+    in the split's root make it a flat folder, otherwise its subfolders are classes.
     n_synthetic defaults to 2048 train / 512 val scenes; the val scenes use seed + VAL_SEED_OFFSET.
     augment (default: train) picks train_transform over the evaluation view; probe.py reads the train split
     without it, to extract each image's features once."""
@@ -459,30 +534,45 @@ def build_dataset(data, img_size, train=True, n_synthetic=None, seed=0, augment=
         transform = train_transform(img_size) if augment else None
         return SyntheticScenes(n, img_size, seed=seed + (0 if train else VAL_SEED_OFFSET), transform=transform)
     transform = train_transform(img_size) if augment else eval_transform(img_size)
-    root = data
-    if os.path.isdir(os.path.join(data, "train")) and os.path.isdir(os.path.join(data, "val")):
-        root = os.path.join(data, "train" if train else "val")
-    _check_dir(root)
+    train_root, val_root, held = folder_split(data, val_fraction)
+    root = train_root if train else val_root
+    split = ("train" if train else "val") if held else None
     loose = any(_is_image(f) for f in os.listdir(root))
-    return FlatFolderDataset(root, transform) if loose else ImageFolderDataset(root, transform)
+    dataset = FlatFolderDataset if loose else ImageFolderDataset
+    return dataset(root, transform, split=split, val_fraction=val_fraction)
 
 
-def labelled_splits(data, img_size, n_train=None, n_val=None, seed=0, augment=None):
+def labelled_splits(data, img_size, n_train=None, n_val=None, seed=0, augment=None, val_fraction=VAL_FRACTION):
     """(train_set, val_set, classes) of a labelled dataset, for probe.py and finetune.py: build_dataset's train
-    and val splits (n_train / n_val synthetic scenes; augment as build_dataset, for the train split) and their
-    class names. Raises ValueError when a split has no class folders or the two splits' classes differ."""
-    train_set = build_dataset(data, img_size, train=True, n_synthetic=n_train, seed=seed, augment=augment)
-    val_set = build_dataset(data, img_size, train=False, n_synthetic=n_val, seed=seed)
+    and val splits (n_train / n_val synthetic scenes; augment as build_dataset, for the train split; a folder
+    without train/ and val/ is split by held_out) and their class names. Raises ValueError when a split has no
+    class folders, the two splits' classes differ, or a file is in both (train/ and val/ linking to one folder)."""
+    train_set = build_dataset(data, img_size, train=True, n_synthetic=n_train, seed=seed, augment=augment,
+                              val_fraction=val_fraction)
+    val_set = build_dataset(data, img_size, train=False, n_synthetic=n_val, seed=seed, val_fraction=val_fraction)
     for split in (train_set, val_set):
         if not split.num_classes:
             raise ValueError(f"{split.root} has no class folders, so no labels to learn or score; "
-                             f"use root/{{train,val}}/<class>/<image>")
+                             f"use root/<class>/<image> or root/{{train,val}}/<class>/<image>")
     if train_set.classes != val_set.classes:
         only_train = sorted(set(train_set.classes) - set(val_set.classes))
         only_val = sorted(set(val_set.classes) - set(train_set.classes))
         raise ValueError(f"train and val classes of {data} differ (only in train: {only_train}, only in val: "
                          f"{only_val}); both need the same root/{{train,val}}/<class> folders")
+    if data != "synthetic":
+        both = {os.path.realpath(p) for p, _ in train_set.samples} & {os.path.realpath(p) for p, _ in val_set.samples}
+        if both:
+            raise ValueError(f"{len(both)} image files of {data} are in both train and val (e.g. {sorted(both)[0]}); "
+                             "scores on them would measure memory, not generalisation")
     return train_set, val_set, train_set.classes
+
+
+def check_readable(dataset, what):
+    """ValueError when no item of dataset loads (every file unreadable): found before any training starts.
+    Stops at the first readable item, so it costs one image on a healthy folder."""
+    if not any(dataset[i] is not None for i in range(len(dataset))):
+        raise ValueError(f"none of the {len(dataset)} files of {what} ({getattr(dataset, 'root', '?')}) could be "
+                         "read as an image (warnings above name them)")
 
 
 # ----------------------------------------------------------------------------- loaders: shards, resume, skips

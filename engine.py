@@ -113,6 +113,39 @@ def set_rng_states(states):
 # process group is made and every helper below is a no-op.
 
 
+def default_device():
+    """Every stage script's --device default: the GPU when torch sees one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device):
+    """A --device value -> torch.device, or ValueError in one line when it names something torch cannot use here
+    (a misspelt device, a CUDA device on a machine or torch build without one, a GPU index past the last)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device torch knows; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no GPU visible to torch"
+            raise ValueError(f"--device {device}: {build} (torch {torch.__version__}); use --device cpu, or install "
+                             "torch's CUDA build on a machine with a GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s), cuda:0.."
+                             f"cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: this project runs on cpu or cuda, not {dev.type}")
+    return dev
+
+
+def check_run_flags(device, val_fraction):
+    """The flags every stage script shares, checked before any work: ValueError in one line for a --device torch
+    cannot use here (check_device) or a --val-fraction outside (0, 1)."""
+    check_device(device)
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+
+
 def init_distributed(device):
     """Join torchrun's process group if there is one. Returns (rank, world_size, device): nccl and GPU
     LOCAL_RANK on CUDA, gloo on CPU; (0, 1, device) for a plain single-process run."""

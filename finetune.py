@@ -36,10 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import collate_skip_broken, labelled_splits, make_loader
+from data import VAL_FRACTION, check_readable, collate_skip_broken, labelled_splits, make_loader, split_note
 from model import Encoder, GMAEConfig
-from engine import (all_reduce_sum, atomic_save, distributed, encode, load_encoder, lr_at, read_checkpoint, set_lr,
-                    skips_weight_decay, topk_accuracy, wrap_ddp)
+from engine import (all_reduce_sum, atomic_save, check_run_flags, default_device, distributed, encode, load_encoder,
+                    lr_at, read_checkpoint, set_lr, skips_weight_decay, topk_accuracy, wrap_ddp)
 
 
 class Classifier(nn.Module):
@@ -142,7 +142,10 @@ def soft_cross_entropy(logits, targets):
 def evaluate(model, loader, device):
     """Top-1 and (with more than 5 classes) top-5 accuracy in percent over the loader."""
     model.eval()
-    logits, labels = zip(*((model(imgs.to(device)).cpu(), y) for imgs, y in filter(None, loader)))  # None: unreadable
+    scored = [(model(imgs.to(device)).float().cpu(), y) for imgs, y in filter(None, loader)]  # None: unreadable
+    if not scored:
+        raise ValueError("no validation image could be read (warnings above name the files); nothing to score")
+    logits, labels = zip(*scored)
     return topk_accuracy(torch.cat(logits), torch.cat(labels))  # [V, C], [V]
 
 
@@ -230,7 +233,10 @@ def get_args(argv=None):
     p.add_argument("--ckpt", default="runs/gmae/checkpoint.pt", help="checkpoint written by train.py")
     p.add_argument("--from-scratch", action="store_true", help="random init (the checkpoint's size if it exists, "
                    "else the tiny default): the same recipe without pretraining")
-    p.add_argument("--data", default="synthetic", help="'synthetic' (labelled scenes) or a folder with train/ and val/")
+    p.add_argument("--data", default="synthetic", help="'synthetic' (labelled scenes), a folder root/{train,val}/<class>/ "
+                   "or root/<class>/ (then --val-fraction of it is held out)")
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                   help="share of a folder without train/ and val/ held out for validation (by a hash of each path)")
     p.add_argument("--n-synthetic", type=int, default=2048, help="synthetic training scenes")
     p.add_argument("--n-val", type=int, default=512, help="synthetic validation scenes")
     p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's")
@@ -248,7 +254,7 @@ def get_args(argv=None):
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (MAE: 0.1)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm, 0 = off (MAE: off)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: finetune[_scratch]/ beside the checkpoint)")
     args = p.parse_args(argv)
@@ -261,6 +267,10 @@ def get_args(argv=None):
         p.error(f"--drop-path and --smoothing must be in [0, 1), got {args.drop_path} and {args.smoothing}")
     if args.mixup < 0 or args.cutmix < 0:
         p.error(f"--mixup and --cutmix must be >= 0, got {args.mixup} and {args.cutmix}")
+    try:
+        check_run_flags(args.device, args.val_fraction)
+    except ValueError as e:
+        p.error(str(e))
     return p, args
 
 
@@ -287,9 +297,13 @@ def main(argv=None):
         torch.manual_seed(args.seed)  # a from-scratch encoder's init, then the head's
         try:
             encoder, cfg = build_encoder(args.ckpt, args.from_scratch, args.img_size, args.drop_path)
-            train_set, val_set, _ = labelled_splits(args.data, cfg.img_size, args.n_synthetic, args.n_val, args.seed)
+            train_set, val_set, _ = labelled_splits(args.data, cfg.img_size, args.n_synthetic, args.n_val, args.seed,
+                                                    val_fraction=args.val_fraction)
+            check_readable(val_set, "the validation split")  # found now, not after the first epoch's training
         except (FileNotFoundError, ValueError) as e:  # engine.CheckpointError is a ValueError
             parser.error(str(e))
+        if rank == 0:
+            print(split_note(args.data, args.val_fraction))
         if len(train_set) < args.batch_size * world_size:
             parser.error(f"the training split has {len(train_set)} images, fewer than --batch-size {args.batch_size} "
                          f"x {world_size} processes")

@@ -36,9 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import collate_skip_broken, labelled_splits
+from data import VAL_FRACTION, collate_skip_broken, labelled_splits, split_note
 from model import Encoder
-from engine import distributed, encode, gather_objects, load_encoder, lr_at, set_lr, topk_accuracy
+from engine import (check_run_flags, default_device, distributed, encode, gather_objects, load_encoder, lr_at, set_lr,
+                    topk_accuracy)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -56,13 +57,18 @@ def extract_features(encoder, dataset, pool="cls", batch_size=256, workers=0, de
     share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=collate_skip_broken)
-    feats, labels = [], []
+    dim = encoder.norm.normalized_shape[0]
+    feats, labels = [torch.zeros(0, dim)], [torch.zeros(0, dtype=torch.long)]  # a shard may read no image
     for batch in tqdm(loader, desc=desc, leave=False, disable=rank != 0):
         if batch is not None:  # None: every file of the batch was unreadable
-            feats.append(encode(encoder, batch[0].to(device), pool).cpu())  # [B, D]
+            feats.append(encode(encoder, batch[0].to(device), pool).float().cpu())  # [B, D]
             labels.append(batch[1])
     parts = gather_objects((torch.cat(feats), torch.cat(labels)))  # [(feats, labels)] for one process
-    return torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts])
+    feats, labels = torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts])
+    if len(feats) == 0:  # every process sees the same gathered count, so all raise together
+        raise ValueError(f"{desc}: none of the {len(dataset)} files could be read as an image (warnings above name "
+                         "them); nothing to probe")
+    return feats, labels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,7 +196,10 @@ def print_scores(scores):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="runs/gmae/checkpoint.pt", help="checkpoint written by train.py")
-    p.add_argument("--data", default="synthetic", help="'synthetic' (labelled scenes) or a folder with train/ and val/")
+    p.add_argument("--data", default="synthetic", help="'synthetic' (labelled scenes), a folder root/{train,val}/<class>/ "
+                   "or root/<class>/ (then --val-fraction of it is held out)")
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                   help="share of a folder without train/ and val/ held out for validation (by a hash of each path)")
     p.add_argument("--n-synthetic", type=int, default=2048, help="synthetic training scenes (train.py's default set)")
     p.add_argument("--n-val", type=int, default=512, help="synthetic validation scenes")
     p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's (another size recomputes "
@@ -206,7 +215,7 @@ def get_args(argv=None):
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"], help="MAE: lars (at batch 16384)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="MAE: 0")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed and probe initialisation")
     p.add_argument("--out", default=None, help="JSON result (default: probe_<data>.json beside the checkpoint)")
     args = p.parse_args(argv)
@@ -219,6 +228,10 @@ def get_args(argv=None):
         p.error("--knn 0 and --epochs 0 leave nothing to evaluate")
     if args.temperature <= 0:
         p.error(f"--temperature must be > 0, got {args.temperature}")
+    try:
+        check_run_flags(args.device, args.val_fraction)
+    except ValueError as e:
+        p.error(str(e))
     return p, args
 
 
@@ -236,7 +249,8 @@ def main(argv=None):
         try:
             encoder, cfg = load_encoder(args.ckpt, img_size=args.img_size, device=device)
             train_set, val_set, classes = labelled_splits(  # each image once, as the model sees it at test time
-                args.data, cfg.img_size, args.n_synthetic, args.n_val, args.seed, augment=False)
+                args.data, cfg.img_size, args.n_synthetic, args.n_val, args.seed, augment=False,
+                val_fraction=args.val_fraction)
         except (FileNotFoundError, ValueError) as e:  # engine.CheckpointError is a ValueError
             parser.error(str(e))
         if args.random_init:
@@ -246,10 +260,14 @@ def main(argv=None):
             print(f"{'random-init' if args.random_init else args.ckpt} ({cfg.decoder} decoder, {cfg.enc_dim}x"
                   f"{cfg.enc_depth}), {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes, "
                   f"pool {args.pool}")
-        scores = probe(encoder, train_set, val_set, pool=args.pool, knn=args.knn, temperature=args.temperature,
-                       epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
-                       blr=args.blr, optimizer=args.optimizer, weight_decay=args.weight_decay, seed=args.seed,
-                       workers=args.workers, rank=rank, world_size=world_size, device=device)
+            print(split_note(args.data, args.val_fraction))
+        try:
+            scores = probe(encoder, train_set, val_set, pool=args.pool, knn=args.knn, temperature=args.temperature,
+                           epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
+                           blr=args.blr, optimizer=args.optimizer, weight_decay=args.weight_decay, seed=args.seed,
+                           workers=args.workers, rank=rank, world_size=world_size, device=device)
+        except ValueError as e:  # a split of unreadable files
+            parser.error(str(e))
     if scores is None:
         return None  # not rank 0
     print_scores(scores)

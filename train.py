@@ -55,9 +55,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import splat
-from data import build_dataset, make_loader, to_uint8
-from engine import (CheckpointError, all_reduce_sum, distributed, gather_objects, lr_at, param_groups, read_checkpoint,
-                    rng_states, save_checkpoint, set_lr, set_rng_states, unwrap, wrap_ddp)
+from data import VAL_FRACTION, build_dataset, make_loader, split_note, to_uint8
+from engine import (CheckpointError, all_reduce_sum, check_run_flags, default_device, distributed, gather_objects, lr_at,
+                    param_groups, read_checkpoint, rng_states, save_checkpoint, set_lr, set_rng_states, unwrap, wrap_ddp)
 from model import GMAE, MODEL_SIZES, GMAEConfig, patchify, reconstruction_metrics, unpatchify
 
 
@@ -68,7 +68,10 @@ class TrainingDiverged(RuntimeError):
 def build_parser():
     d = GMAEConfig.preset("tiny")  # the laptop defaults live in model.py (LAPTOP_DEFAULTS); the paper's in each help
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="synthetic", help="'synthetic' (embedded, default) or an image folder path")
+    p.add_argument("--data", default="synthetic", help="'synthetic' (embedded, default) or an image folder: "
+                   "root/{train,val}/..., or any folder of images or class folders (then --val-fraction is held out)")
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                   help="share of a folder without train/ and val/ held out for validation (by a hash of each path)")
     p.add_argument("--n-synthetic", type=int, default=2048, help="number of synthetic training scenes")
     p.add_argument("--model", default="tiny", choices=MODEL_SIZES, help="encoder/decoder size (paper: base)")
     p.add_argument("--img-size", type=int, default=d.img_size, help="paper: 224")
@@ -99,7 +102,7 @@ def build_parser():
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 = off)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/gmae", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
@@ -123,6 +126,10 @@ def get_args(argv=None, parser=None):
                 f"{args.val_size}")
     if args.accum_iter < 1 or args.save_every < 0:
         p.error(f"--accum-iter must be >= 1 and --save-every >= 0, got {args.accum_iter} and {args.save_every}")
+    try:
+        check_run_flags(args.device, args.val_fraction)
+    except ValueError as e:
+        p.error(str(e))
     if args.amp == "fp16" and torch.device(args.device).type != "cuda":
         p.error(f"--amp fp16 needs a CUDA device (it relies on a GradScaler), got {args.device}; use --amp bf16")
     try:
@@ -346,9 +353,10 @@ def stop_on_sigterm(save, progress, steps_per_epoch, ckpt_path, log):
     raise SystemExit(128 + signal.SIGTERM)
 
 
-def validation_images(data, img_size, val_size, seed, device):
-    """The first val_size readable validation images [V, 3, S, S] on device (broken files skipped)."""
-    val_set = build_dataset(data, img_size, train=False, n_synthetic=val_size, seed=seed)
+def validation_images(data, img_size, val_size, seed, device, val_fraction=VAL_FRACTION):
+    """The first val_size readable validation images [V, 3, S, S] on device (broken files skipped): never a
+    training image (data.build_dataset holds them out of a folder without train/ and val/)."""
+    val_set = build_dataset(data, img_size, train=False, n_synthetic=val_size, seed=seed, val_fraction=val_fraction)
     readable = (item for item in map(val_set.__getitem__, range(len(val_set))) if item is not None)
     val_imgs = [img for img, _ in itertools.islice(readable, val_size)]
     if not val_imgs:
@@ -358,7 +366,7 @@ def validation_images(data, img_size, val_size, seed, device):
 
 def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, warmup_epochs, weight_decay, clip_grad,
              accum_iter, amp, backend, workers, device, seed, out, resume, max_steps, save_every, val_size,
-             rank=0, world_size=1, preemption=None):
+             val_fraction=VAL_FRACTION, rank=0, world_size=1, preemption=None):
     """The training run of `python train.py` (one process) or of one of torchrun's processes (rank of
     world_size). Returns the trained model (unwrapped from DDP)."""
     device, main_process = torch.device(device), rank == 0  # rank 0 logs, writes PNGs and checkpoints
@@ -369,7 +377,8 @@ def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, war
     os.makedirs(out, exist_ok=True)
     ckpt_path = os.path.join(out, "checkpoint.pt")
 
-    train_set = build_dataset(data, cfg.img_size, train=True, n_synthetic=n_synthetic, seed=seed)
+    train_set = build_dataset(data, cfg.img_size, train=True, n_synthetic=n_synthetic, seed=seed,
+                              val_fraction=val_fraction)
     # Each process reads its own shard of one permutation per epoch: together, batch x world_size images.
     loader, sampler = make_loader(train_set, batch_size, rank, world_size, seed=seed, workers=workers,
                                   pin_memory=device.type == "cuda")
@@ -378,7 +387,7 @@ def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, war
     if steps_per_epoch == 0:
         raise ValueError(f"the dataset has {len(train_set)} images, fewer than one step needs: --batch-size "
                          f"{batch_size} x --accum-iter {accum_iter} x {world_size} processes = {global_batch}")
-    val_imgs = validation_images(data, cfg.img_size, val_size, seed, device) if main_process else None
+    val_imgs = validation_images(data, cfg.img_size, val_size, seed, device, val_fraction) if main_process else None
 
     model = GMAE(cfg).to(device)
     ddp_model = wrap_ddp(model, device)  # = model when single-process; DDP copies rank 0's weights to all
@@ -400,6 +409,7 @@ def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, war
     log(f"{cfg.decoder} decoder, {n_params / 1e6:.2f}M parameters, {len(train_set)} images, {steps_per_epoch} "
         f"steps/epoch, global batch {global_batch} = {batch_size} x {accum_iter} accum x {world_size} processes, "
         f"lr {lr:.2e}, device {device}, splat {backend}, amp {amp or 'off'}")
+    log(split_note(data, val_fraction))
 
     t_start = time.time()
     for epoch in range(progress.epoch, epochs):
@@ -447,7 +457,7 @@ def main(argv=None):
                             clip_grad=args.clip_grad, accum_iter=args.accum_iter, amp=args.amp, backend=args.splat,
                             workers=args.workers, device=device, seed=args.seed, out=args.out, resume=args.resume,
                             max_steps=args.max_steps, save_every=args.save_every, val_size=args.val_size,
-                            rank=rank, world_size=world_size, preemption=preemption)
+                            val_fraction=args.val_fraction, rank=rank, world_size=world_size, preemption=preemption)
     except (ValueError, FileNotFoundError, TrainingDiverged) as e:  # CheckpointError is a ValueError
         parser.error(str(e))
 
