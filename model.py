@@ -332,7 +332,7 @@ RAW_LIMIT = 1e4  # raw outputs are clamped to +-RAW_LIMIT: every activation belo
 
 
 def gaussian_activation(raw, scale_max=1.0, center_depth=False):
-    """Raw decoder outputs [..., 14] -> valid Gaussians [..., 14] (DESIGN.md 1; paper Sec. 4.1).
+    """Raw decoder outputs [..., 14] -> valid Gaussians [..., 14] (docs/design.md 1; paper Sec. 4.1).
 
     xyz = tanh, scale = c sigmoid (largest std c W/16 px at z = 0 under splat.project's camera), quaternion
     normalised (w, x, y, z), rgb and opacity sigmoid. Any raw input gives finite, valid Gaussians
@@ -365,7 +365,7 @@ class GaussianDecoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dec_dim, eps=1e-6)
         self.head = nn.Linear(cfg.dec_dim, splat.PARAM_DIM * cfg.gaussians_per_token)  # g Gaussians per token
         self.apply(init_weights)
-        # Initialisation (DESIGN.md 1): Gaussians all starting at the centre train slowly. N(0, 1) queries and xyz
+        # Initialisation (docs/design.md 1): Gaussians all starting at the centre train slowly. N(0, 1) queries and xyz
         # head rows of std 1/sqrt(D) give tanh inputs of std ~1, centres spread over [-1, 1]^3 (each of a token's
         # g Gaussians from its own rows); the other rows keep xavier, so the rest starts around sigmoid(0) = 0.5.
         nn.init.normal_(self.queries, std=1.0)

@@ -11,7 +11,7 @@
  *   2. forward:  one (image, tile) per OpenMP task. The tile's Gaussians are copied into a contiguous
  *                buffer; the tile keeps T and C for its 256 pixels and takes the Gaussians front to back,
  *                each over the rows of its culling box only. A pixel stops when T would reach 1e-4 and
- *                the tile stops when all its pixels have. Per pixel this is exactly the loop of DESIGN.md 3.
+ *                the tile stops when all its pixels have. Per pixel this is exactly the loop of docs/design.md 3.
  *                Saved for backward: final_T [B, H, W] and n_contrib [B, H, W] (list entries up to and
  *                including the last contributor) -- never a per-pixel list.
  *   3. backward: the same tiles, Gaussians back to front from the last contributor, each pixel recovering

@@ -2,14 +2,8 @@
  * splat_kernel.h -- the per-pixel math of Gaussian splatting, written once for the CPU (splat_cpu.cpp) and
  * the GPU (splat_cuda.cu) rasterizers, so the CPU build tests the very lines the GPU runs.
  *
- * The rules are those of ../shared/DESIGN.md 3 and of `rasterize_torch` in splat.py, which is the spec.
- * For a pixel centre p and the Gaussians of its tile in ascending depth, with T = 1 and C = 0:
- *
- *     d = p - (u, v),  power = -1/2 (a dx^2 + 2 b dx dy + c dy^2);         skip if power > 0
- *     alpha = min(0.999, opacity exp(power));                             skip if alpha < 1/255
- *     T_next = T (1 - alpha);               stop (this Gaussian excluded) if T_next <= 1e-4
- *     C += T alpha rgb;  T = T_next
- *     image = C + T background
+ * Each pixel composites the Gaussians of its tile front to back by the rules of docs/design.md 3 (stated in
+ * full there and in splat.py, whose `rasterize_torch` is the spec): power, alpha, T and C below are theirs.
  *
  * Backward (Kerbl et al. 2023, "3D Gaussian Splatting", Sec. 6; gsplat): the forward pass keeps only the
  * final T and the number of tile-list entries up to the last contributor, per pixel. Writing
@@ -49,7 +43,7 @@
 
 namespace splat {
 
-// The constants of splat.py / DESIGN.md 3.
+// The constants of splat.py / docs/design.md 3.
 constexpr int TILE = 16;  // tile side in pixels; a CUDA block is one tile, one thread per pixel
 constexpr double ALPHA_MAX = 0.999;
 constexpr double ALPHA_MIN = 1.0 / 255.0;

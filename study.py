@@ -3,7 +3,7 @@ The measurements behind docs/results.md, run by one script, and the page written
 
     python study.py quick                    # the laptop tables: about 45 min on a 2-core CPU -> results/*.json
     python study.py quick --only loss speed  # some of them (names: python study.py --help)
-    python study.py long                     # the CIFAR-10 subset tables: hours (needs ../shared/data)
+    python study.py long --cifar DIR         # the CIFAR-10 tables: hours (DIR/train/<class>/, DIR/val/<class>/)
     python study.py render                   # docs/results.md (and README's result block) from results/*.json
 
 Each table is a list of command lines (train.py, probe.py, zeroshot.py, bench.py), run one after another as
@@ -35,7 +35,7 @@ from model import patchify, random_masking
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 RUNS = os.path.join("runs", "study")
-CIFAR = os.path.join("..", "shared", "data", "cifar10_subset")
+CIFAR_LAYOUT = "DIR/train/<class>/<image> and DIR/val/<class>/<image> (README \"Data\")"
 
 
 def train(name, *flags):
@@ -104,14 +104,21 @@ QUICK = {
               [bench("render", "--quick"), bench("per_token", "--per-token", "laptop", "paper",
                                                   "--train-repeats", "2")]),
 }
-LONG = {
-    "cifar": ("CIFAR-10 subset: probes after an equal pretraining budget",
-              "20k train / 5k val photos at 32 px, 10 epochs each, laptop defaults otherwise.",
-              [train("cifar_gmae", "--data", CIFAR, "--epochs", "10"),
-               train("cifar_mae", "--data", CIFAR, "--epochs", "10", "--decoder", "pixels"),
-               probe("cifar_gmae", data=CIFAR), probe("cifar_mae", data=CIFAR),
-               probe("cifar_mae", random_init=True, data=CIFAR)]),
-}
+
+
+def long_tables(cifar):
+    """The tables of `study.py long`, on the CIFAR-10 image folder `cifar` (--cifar; CIFAR_LAYOUT)."""
+    return {
+        "cifar": ("CIFAR-10 subset: probes after an equal pretraining budget",
+                  "20k train / 5k val photos at 32 px, 10 epochs each, laptop defaults otherwise.",
+                  [train("cifar_gmae", "--data", cifar, "--epochs", "10"),
+                   train("cifar_mae", "--data", cifar, "--epochs", "10", "--decoder", "pixels"),
+                   probe("cifar_gmae", data=cifar), probe("cifar_mae", data=cifar),
+                   probe("cifar_mae", random_init=True, data=cifar)]),
+    }
+
+
+LONG = long_tables("DIR")  # names and titles (render, --only); `long --cifar` builds the rows on its own folder
 TABLES = {**QUICK, **LONG}
 
 
@@ -189,24 +196,28 @@ def finished_run(row, command):
             "result": last, "config": asdict(cfg)}
 
 
-def run_tables(names):
-    done = {}
+def run_tables(names, tables, invocation):
+    """Run the tables `names` of `tables` (name -> (title, about, rows)) into results/<name>.json, each recorded as
+    measured by `<invocation> --only <name>`. Returns {name: why} for the tables a failed command left unwritten."""
+    done, failed = {}, {}
     os.makedirs(RESULTS, exist_ok=True)
     for name in names:
-        title, about, rows = TABLES[name]
+        title, about, rows = tables[name]
         t0 = time.time()
         try:
             records = [run_row(row, done) for row in rows]
         except subprocess.CalledProcessError as e:  # one failed command costs its table, not the others
-            print(f"table {name} not written: `{' '.join(e.cmd[1:])}` exited with {e.returncode}", flush=True)
+            failed[name] = f"`python {' '.join(e.cmd[1:])}` exited with {e.returncode}"
+            print(f"table {name} not written: {failed[name]}", flush=True)
             continue
-        result = {"table": name, "command": f"python study.py {'long' if name in LONG else 'quick'} --only {name}",
+        result = {"table": name, "command": f"{invocation} --only {name}",
                   "wall_s": time.time() - t0, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                   "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads",
                   "rows": records}
         with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote results/{name}.json ({result['wall_s'] / 60:.1f} min)", flush=True)
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,7 +322,7 @@ synthetic scenes, 256 validation scenes with seeded masks, PSNR pooled over pixe
 def render_table(name):
     title, about, _ = TABLES[name]
     path = os.path.join(RESULTS, f"{name}.json")
-    mode = "long" if name in LONG else "quick"
+    mode = "long --cifar DIR" if name in LONG else "quick"
     if not os.path.exists(path):
         return f"## {title}\n\nNot measured yet: `python study.py {mode} --only {name}`.\n"
     with open(path) as f:
@@ -342,10 +353,27 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["quick", "long", "render"])
     p.add_argument("--only", nargs="+", default=None, choices=list(TABLES), help="these tables only")
+    p.add_argument("--cifar", metavar="DIR", help=f"CIFAR-10 for `long`: {CIFAR_LAYOUT}")
     args = p.parse_args(argv)
-    if args.mode != "render":
-        run_tables(args.only or list(QUICK if args.mode == "quick" else LONG))
+    if args.mode == "render":
+        render()
+        return
+    if args.mode == "long" and not args.cifar:
+        p.error(f"long needs --cifar DIR, a CIFAR-10 image folder: {CIFAR_LAYOUT}")
+    if args.mode == "long" and not all(os.path.isdir(os.path.join(args.cifar, s)) for s in ("train", "val")):
+        p.error(f"--cifar {args.cifar} needs train/ and val/ class folders: {CIFAR_LAYOUT}")
+    tables = QUICK if args.mode == "quick" else long_tables(os.path.abspath(args.cifar))
+    invocation = "python study.py quick" if args.mode == "quick" else f"python study.py long --cifar {args.cifar}"
+    names = args.only or list(tables)
+    other = [n for n in names if n not in tables]
+    if other:
+        p.error(f"--only {' '.join(other)}: not a table of `{args.mode}` (quick: {', '.join(QUICK)}; long: "
+                f"{', '.join(LONG)})")
+    failed = run_tables(names, tables, invocation)
     render()
+    if failed:
+        sys.exit(f"study.py {args.mode}: {len(failed)} of {len(names)} tables not written: "
+                 + "; ".join(f"{name} ({why})" for name, why in failed.items()))
 
 
 if __name__ == "__main__":

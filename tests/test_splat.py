@@ -1,7 +1,7 @@
-"""Tests of splat.py, the camera and the reference rasterizer (../shared/DESIGN.md sections 2-3).
+"""Tests of splat.py, the camera and the reference rasterizer (docs/design.md sections 2-3).
 
 The torch renderer is checked against `render_reference`, an independent per-pixel loop in plain Python
-float64 written from DESIGN.md directly (its own quaternion formula, explicit 2x2 inverse, sort by
+float64 written from docs/design.md directly (its own quaternion formula, explicit 2x2 inverse, sort by
 (z, index), front-to-back compositing with the skip / clamp / stop rules), then by gradcheck, and by
 hand-computed pixels for each compositing rule.
 
@@ -22,7 +22,7 @@ F64 = torch.float64
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Independent reference: DESIGN.md 2-3 written as a per-pixel loop.
+# Independent reference: docs/design.md 2-3 written as a per-pixel loop.
 
 
 def rotation_reference(q):
@@ -37,7 +37,7 @@ def project_reference(g, H, W):
     g = np.asarray(g, dtype=np.float64)
     R = rotation_reference(g[6:10])
     sigma3 = R @ np.diag(g[3:6] ** 2) @ R.T
-    x, y, zc = g[0], g[1], g[2] + 8.0  # camera 8 units behind the scene (DESIGN.md 2)
+    x, y, zc = g[0], g[1], g[2] + 8.0  # camera 8 units behind the scene (docs/design.md 2)
     fx, fy = W / 2.0, H / 2.0
     J = np.array([[fx / zc, 0.0, -fx * x / zc**2], [0.0, fy / zc, -fy * y / zc**2]])
     sigma2 = J @ sigma3 @ J.T + 0.3 * np.eye(2)

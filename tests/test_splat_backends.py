@@ -1,4 +1,4 @@
-"""Tests of the compiled splatting backends (splat_cpu.cpp, splat_cuda.cu; ../shared/DESIGN.md 3-4).
+"""Tests of the compiled splatting backends (splat_cpu.cpp, splat_cuda.cu; docs/design.md 3-4).
 
 The torch reference `rasterize_torch` is the spec (tests/test_splat.py checks it against a per-pixel loop and
 gradcheck). Every compiled backend must give the same image and the same gradients w.r.t. all 14 valid
@@ -85,7 +85,7 @@ def gaussians_from(xyz, scale, rgb, opacity, dtype=F64):
 
 
 def pixel_centre(i, n):
-    """World coordinate of the centre of pixel i along an axis of n pixels (DESIGN.md 2)."""
+    """World coordinate of the centre of pixel i along an axis of n pixels (docs/design.md 2)."""
     return (i + 0.5) * 2 / n - 1
 
 
@@ -308,7 +308,7 @@ def test_generic_cpu_build_matches_reference_too():
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_training_curve_matches_reference(backend, dtype):
     # 20 Adam steps on 48 Gaussians toward a three-colour target, from one init with each backend.
-    from model import gaussian_activation  # the one raw -> valid map (DESIGN.md 1)
+    from model import gaussian_activation  # the one raw -> valid map (docs/design.md 1)
 
     H = W = 16
     target = torch.ones(1, 3, H, W, dtype=dtype)

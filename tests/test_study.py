@@ -1,9 +1,11 @@
 """study.py: docs/results.md is exactly what render writes from results/*.json; the oracle's numbers; a tiny
-table run end to end puts its run's own numbers on the page."""
+table run end to end puts its run's own numbers on the page; `long` needs --cifar, and a failed table fails the
+command."""
 import json
 import math
 import os
 
+import pytest
 import torch
 
 import data
@@ -44,11 +46,13 @@ def test_a_tiny_table_runs_and_its_numbers_reach_the_page(tmp_path, monkeypatch)
     flags = ["--img-size", "16", "--gaussians", "32", "--n-synthetic", "32", "--batch-size", "16", "--epochs", "1",
              "--val-size", "8"]
     rows = [study.train("tiny", *flags), study.train("tiny", *flags)]  # the second is reused, not rerun
-    monkeypatch.setattr(study, "TABLES", {"tiny": ("A tiny table", "Two rows of one run.", rows)})
+    tables = {"tiny": ("A tiny table", "Two rows of one run.", rows)}
+    monkeypatch.setattr(study, "TABLES", tables)
     monkeypatch.setattr(study, "LONG", {})
-    study.run_tables(["tiny"])
+    assert study.run_tables(["tiny"], tables, "python study.py quick") == {}
     result = json.loads((tmp_path / "results" / "tiny.json").read_text())
-    assert [r["name"] for r in result["rows"]] == ["tiny", "tiny"] and result["command"].endswith("--only tiny")
+    assert [r["name"] for r in result["rows"]] == ["tiny", "tiny"]
+    assert result["command"] == "python study.py quick --only tiny"
     log = [json.loads(line) for line in open(tmp_path / "runs" / "tiny" / "log.jsonl")]
     assert len(log) == 1 and result["rows"][0]["result"] == log[0]
     assert result["rows"][0]["config"]["num_gaussians"] == 32
@@ -57,3 +61,33 @@ def test_a_tiny_table_runs_and_its_numbers_reach_the_page(tmp_path, monkeypatch)
     study.render(page=str(page), readme=str(tmp_path / "none.md"))
     text = page.read_text()
     assert "## A tiny table" in text and f"| {log[0]['psnr_masked']:.2f} | {log[0]['psnr_full']:.2f} |" in text
+
+
+def test_long_without_cifar_is_one_line_naming_the_flag_and_layout(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(study, "run_tables", lambda *a: ran.append(a) or {})
+    monkeypatch.setattr(study, "render", lambda *a, **k: None)
+    for argv, start in ((["long"], "long needs --cifar DIR"), (["long", "--cifar", str(tmp_path)], "--cifar ")):
+        with pytest.raises(SystemExit) as stop:
+            study.main(argv)
+        message = capsys.readouterr().err.strip().splitlines()[-1].split(": error: ", 1)[1]
+        assert stop.value.code == 2 and message.startswith(start)
+        assert "DIR/train/<class>/<image> and DIR/val/<class>/<image>" in message
+    assert ran == []  # nothing ran
+
+
+def test_long_with_a_failed_table_exits_nonzero_and_says_why(tmp_path, monkeypatch, capsys):
+    cifar = tmp_path / "cifar"
+    (cifar / "train").mkdir(parents=True)
+    (cifar / "val").mkdir()
+    monkeypatch.setattr(study, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(study, "render", lambda *a, **k: None)
+    bad = study.train("bad", "--data", str(cifar), "--epochs", "0")  # train.py refuses --epochs 0, exit status 2
+    monkeypatch.setattr(study, "long_tables", lambda cifar: {"cifar": ("A failing table", "One bad run.", [bad])})
+    with pytest.raises(SystemExit) as stop:
+        study.main(["long", "--cifar", str(cifar)])
+    assert stop.value.code not in (0, None)
+    assert str(stop.value.code).startswith("study.py long: 1 of 1 tables not written: cifar (`python train.py --data")
+    assert "exited with 2" in str(stop.value.code)
+    assert not (tmp_path / "results" / "cifar.json").exists()
