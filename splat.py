@@ -8,7 +8,7 @@ A GMAE decoder predicts K Gaussians per image, each a 14-vector of *valid* param
          centre    scale        unit quaternion  colour    in [0, 1]
          in [-1,1]^3
 
-The image is made in two steps (Kerbl et al. 2023, "3D Gaussian Splatting", Sec. 4-6; ../shared/DESIGN.md 2-3):
+The image is made in two steps (Kerbl et al. 2023, "3D Gaussian Splatting", Sec. 4-6; docs/design.md 2-3):
 
 1. project (pure torch, one place knows the camera). The authors' gsplat setup: the scene sits 8 units in
    front of a 90-degree pinhole (focal fx = W/2, fy = H/2); centres land orthographically, footprints are the
@@ -44,12 +44,13 @@ import hashlib
 import math
 import os
 import platform
+import re
 import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
 
-# Compositing constants of DESIGN.md 3 (the values of the 3DGS / gsplat reference rasterizers).
+# Compositing constants of docs/design.md 3 (the values of the 3DGS / gsplat reference rasterizers).
 ALPHA_MAX = 0.999  # alpha clamp of gsplat (the authors' rasterizer; 3DGS uses 0.99); no gradient through it
 ALPHA_MIN = 1.0 / 255.0  # contributions below this are skipped
 T_MIN = 1e-4  # stop when transmittance would fall to or below this
@@ -89,7 +90,7 @@ def covariance3d(scale, quat):
 
 
 def project(gaussians, H, W):
-    """The fixed camera of DESIGN.md 2 (the GMAE authors' gsplat setup).
+    """The fixed camera of docs/design.md 2 (the GMAE authors' gsplat setup).
 
     The scene sits CAMERA_DISTANCE = 8 units in front of a 90-degree pinhole (focal W/2, H/2). Centres land
     orthographically (world x, y in [-1, 1] span the image), but each footprint is the perspective EWA
@@ -129,8 +130,9 @@ def depth_order(depth):
 def rasterize_torch(means2d, conic, depth, rgb, opacity, H, W, background=1.0):
     """Reference rasterizer: dense over all (pixel, Gaussian) pairs. Returns image [B, 3, H, W].
 
-    Every rule of DESIGN.md 3 is applied exactly so the tiled kernels agree with it to float rounding.
-    Memory is O(B H W K): fine for tests and small images, slow for training (use the cpu/cuda backends).
+    Every rule of docs/design.md 3 is applied exactly so the tiled kernels agree with it to float rounding.
+    Memory is O(B H W K): fine for tests and small images, slow for training (use the cpu/cuda backends);
+    rasterize refuses a render that would not fit (check_dense_render).
     """
     B, K = depth.shape
     order = depth_order(depth)  # [B, K]
@@ -229,8 +231,26 @@ def _cpu_simd():
     return "", flags
 
 
+def _cuda_arch():
+    """Name suffix of the cuda kernel's build: the GPU architectures it is compiled for.
+
+    torch.utils.cpp_extension compiles for TORCH_CUDA_ARCH_LIST when it is set, else for the compute capability
+    of every visible GPU, and its cache name is ours alone. Named by them (`splat_cuda_sm90_ext` on an H100), a
+    home directory shared by two kinds of GPU never hands one a binary built for the other.
+    """
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if listed:  # "8.0;9.0+PTX" -> "_arch_8_0_9_0_ptx"
+        return "_arch_" + re.sub(r"[^0-9a-z]+", "_", listed.lower()).strip("_")
+    capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return "".join(f"_sm{major}{minor}" for major, minor in capabilities)
+
+
+class BackendUnavailable(RuntimeError):
+    """A compiled backend ("cpu" or "cuda") that cannot be built or loaded here; the message holds the reason."""
+
+
 def _load_extension(backend):
-    """The compiled module of "cpu" or "cuda", built on first use; RuntimeError (with the compiler's output)
+    """The compiled module of "cpu" or "cuda", built on first use; BackendUnavailable (with the compiler's output)
     if it cannot be built or loaded. Successes and failures are both remembered for the process."""
     if backend not in _extensions:
         try:
@@ -240,9 +260,9 @@ def _load_extension(backend):
 
             flags = ["-O3", _version_define(backend)]
             openmp = ["-fopenmp"] if backend == "cpu" else []
-            simd, cpu_only = _cpu_simd() if backend == "cpu" else ("", [])
+            suffix, cpu_only = _cpu_simd() if backend == "cpu" else (_cuda_arch(), [])
             _extensions[backend] = load(
-                name=f"splat_{backend}{simd}_ext",
+                name=f"splat_{backend}{suffix}_ext",
                 sources=[os.path.join(_HERE, _KERNEL_SOURCES[backend])],
                 extra_cflags=flags + openmp + cpu_only,
                 extra_cuda_cflags=flags,
@@ -252,7 +272,7 @@ def _load_extension(backend):
             _extensions[backend] = e
     ext = _extensions[backend]
     if isinstance(ext, Exception):
-        raise RuntimeError(f"splat backend {backend!r} is not available: {ext}") from ext
+        raise BackendUnavailable(f"splat backend {backend!r} is not available: {ext}") from ext
     return ext
 
 
@@ -330,7 +350,7 @@ BACKENDS = ("auto", "torch", "cpu", "cuda")
 def check_opacity(opacity):
     """ValueError unless every opacity lies in [0, 1] (NaN passes: every backend skips it alike).
 
-    The rules of DESIGN.md 3 hold for any opacity, but the tiled kernels' culling box is lossless only for
+    The rules of docs/design.md 3 hold for any opacity, but the tiled kernels' culling box is lossless only for
     opacity <= 1: alpha >= 1/255 needs Mahalanobis distance <= sqrt(2 ln(255 opacity)), beyond 3.33 for
     opacity > 1. The cpu kernel would drop the pairs outside the box, the cuda kernel only those outside the
     box's tiles, the reference none, so three backends would give three images. model.gaussian_activation
@@ -346,23 +366,85 @@ def check_opacity(opacity):
         )
 
 
+# The reference's peak memory, measured in [B, H W, K] tensors of the render's dtype: about 9 without autograd,
+# 15 with it (d alone is two); rounded up. A render past the limit is refused in one line instead of an out-of-memory
+# traceback: at the paper's size (224 px, 512 Gaussians, batch 32) one such tensor is 3 GiB.
+DENSE_TENSORS = {False: 10, True: 16}  # keyed by "autograd records the render"
+DENSE_LIMIT_CPU = 8 * 2**30  # bytes a dense render of CPU tensors may take (CUDA tensors: the GPU's free memory)
+
+
+class DenseRenderTooLarge(MemoryError):
+    """A torch-reference render whose dense [B, H W, K] tensors would not fit (check_dense_render)."""
+
+
+def dense_bytes(B, H, W, K, dtype, autograd):
+    """Estimated peak bytes of rasterize_torch: B H W K pairs x bytes per element x DENSE_TENSORS."""
+    return B * H * W * K * dtype.itemsize * DENSE_TENSORS[autograd]
+
+
+def dense_limit(device):
+    """Bytes a dense render may take: for CUDA tensors the GPU's free memory plus what torch's cache holds
+    unused, else DENSE_LIMIT_CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return DENSE_LIMIT_CPU
+
+
+def check_dense_render(B, H, W, K, dtype, device, autograd, fallback=None):
+    """DenseRenderTooLarge in one line when a torch-reference render would not fit (dense_bytes > dense_limit),
+    saying how to get the kernel or to render smaller. fallback: why backend='auto' could not use the kernel
+    (None for an explicit backend='torch', which is refused too: it would run out of memory all the same)."""
+    need, limit = dense_bytes(B, H, W, K, dtype, autograd), dense_limit(device)
+    if need <= limit:
+        return
+    if device.type == "cuda":
+        kernel, where = "cuda", f"free on {device}"
+        how = f"the CUDA toolkit {torch.version.cuda} (torch's CUDA version; nvcc on PATH or CUDA_HOME set)"
+    else:
+        kernel, where, how = "cpu", "of splat.DENSE_LIMIT_CPU", "a C++ compiler with OpenMP (g++)"
+    why = f"backend='auto' fell back to it: {fallback}" if fallback else "backend='torch'"
+    fix = f"install {how} so the {kernel} kernel builds" if fallback else f"use the {kernel} kernel (--splat {kernel})"
+    raise DenseRenderTooLarge(
+        f"splat: the dense torch reference ({why}) would need about {need / 2**30:.1f} GiB for {B} image(s) of "
+        f"{H} x {W} px and {K} Gaussians, more than the {limit / 2**30:.1f} GiB {where}; {fix}, or render fewer "
+        "pixels or images at once (zeroshot.py --max-size, a smaller --batch-size)")
+
+
+def _fallback_reason(device):
+    """The first line of why the kernel for device's tensors is not available (for check_dense_render)."""
+    error = _extensions.get(device.type)
+    if not isinstance(error, Exception):
+        return f"no compiled kernel for {device.type} tensors"
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+
+
 def rasterize(means2d, conic, depth, rgb, opacity, H, W, background=1.0, backend="auto"):
     """Dispatch to a rasterizer backend; all take and return the same tensors.
 
     opacity [B, K] must lie in [0, 1] (check_opacity: ValueError otherwise).
 
     "auto" picks cuda for CUDA tensors and cpu for CPU tensors and falls back to "torch" with one warning;
-    an explicit "cpu" or "cuda" that cannot be built raises RuntimeError with the compiler's message.
+    an explicit "cpu" or "cuda" that cannot be built raises BackendUnavailable (a RuntimeError) with the
+    compiler's message.
+    A "torch" render, asked for or fallen back to, that would not fit in memory raises DenseRenderTooLarge
+    (check_dense_render) before it allocates anything.
     float16 / bfloat16 inputs are rasterized in float32 and the image cast back (see render).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_opacity(opacity)
+    fallback = None
     if backend == "auto":
         backend = _auto_backend(means2d.device)
+        fallback = _fallback_reason(means2d.device) if backend == "torch" else None
     dtype = means2d.dtype
     with torch.autocast(means2d.device.type, enabled=False):  # float32 always, as in render
         tensors = [t.float() if t.dtype in REDUCED_PRECISION else t for t in (means2d, conic, depth, rgb, opacity)]
+        if backend == "torch":
+            autograd = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            check_dense_render(depth.shape[0], H, W, depth.shape[1], tensors[0].dtype, means2d.device, autograd,
+                               fallback)
         image = _RASTERIZERS[backend](*tensors, H, W, background)
     return image.to(dtype)
 
@@ -377,7 +459,7 @@ def render(gaussians, H, W, background=1.0, backend="auto"):
 
     Splatting always runs in float32 (or float64 for float64 input), also under mixed precision (--amp):
     autocast is switched off inside, float16 / bfloat16 Gaussians are cast to float32 on the way in and the
-    image back to their dtype on the way out. Reduced precision would break the rules of DESIGN.md 3:
+    image back to their dtype on the way out. Reduced precision would break the rules of docs/design.md 3:
     bfloat16 has 8 bits of mantissa, so 1 - alpha, T <= 1e-4 and the conic of a 0.3 px^2 footprint at
     pixel 200 would all be off by percents, and the compiled kernels take float32 and float64 only.
     """

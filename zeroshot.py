@@ -1,6 +1,6 @@
 """
 Zero-shot readings of a pretrained GMAE's Gaussians: layers, figure-ground, edges, plots and PLY export (paper
-Sec. 4.3-4.4, Figs. 6-10; ../shared/DESIGN.md 5). Their evaluation against ground truth and controls is in
+Sec. 4.3-4.4, Figs. 6-10; docs/design.md 5). Their evaluation against ground truth and controls is in
 zeroshot_eval.py; its commands (eval-*) run from here.
 
 Encode the whole image (mask 0), take the K Gaussians and sort them by depth, front to back (splat.depth_order).
@@ -17,22 +17,28 @@ Encode the whole image (mask 0), take the K Gaussians and sort them by depth, fr
         BSDS benchmark has levels to sweep; fewer, wider layers give coarser, cleaner edges (Fig. 8).
 
 Any image size and aspect: the image is resized (squashed) to the model's S x S and the Gaussians are rendered
-straight at the input's H x W. The camera maps x, y in [-1, 1] onto the whole image whatever its size (focal
-W/2, H/2), so a render at H x W is the same picture as at S x S, only sharper. `edges --tiles WIN` instead runs
-overlapping WIN x WIN windows (stride WIN/2, each resized to S x S) and blends their edge maps with a tent
-weight, so a 32 px model gives a 481 x 321 edge map with local detail.
+at the working size, the input's H x W with its longest side brought down to --max-size (default 512, aspect
+kept; 0 = no bound), then maps and masks are resized back to H x W (edges bilinear, masks nearest). The camera
+maps x, y in [-1, 1] onto the whole image whatever its size (focal W/2, H/2), so a render at H x W is the same
+picture as at S x S, only sharper; the bound keeps the L + 1 renders of a 24 MP photo from taking gigabytes.
+`edges --tiles WIN` instead runs overlapping WIN x WIN windows of the working image (stride WIN/2, each resized
+to S x S) and blends their edge maps with a tent weight, so a 32 px model gives a 481 x 321 edge map with
+local detail.
 
 Depth controls (--depth; zeroshot_eval.py scores the readings against them): permuted (each image's z values
 shuffled among its Gaussians) and radial (z from the centre's distance to the image centre: position only).
 
-Commands (each takes image files and/or folders, JPEG or PNG, any size; writes OUT/<stem>..., one name per
-command, so commands can share --out):
-    python zeroshot.py recon  img.jpg [--mask 0.75]      <stem>_recon.png: input | reconstruction, PSNR printed
-    python zeroshot.py layers img.jpg --layers 4         <stem>_layers.png: layer map, groups (Fig. 6), first k (Fig. 7)
-    python zeroshot.py figure-ground img.jpg             <stem>_fg.png mask (input size), <stem>_fg_overlay.png
-    python zeroshot.py edges  img.jpg [--tiles 96]        <stem>.png soft edges, input size, white = edge (BSDS layout)
-    python zeroshot.py gaussians img.jpg                  <stem>_gaussians.png: centres, scale vs depth (Fig. 10)
-    python zeroshot.py export img.jpg                     <stem>.ply in the 3DGS layout (see write_ply)
+Commands (each takes image files and/or folders, JPEG or PNG, any size; writes OUT/<name>..., one suffix per
+command, so commands can share --out). <name> is the file's path under the folder given (its own name for a file
+given directly) without the extension, which is folded in (x.jpg -> x_jpg) where two inputs differ only by it;
+two inputs that would still share a name are refused. --device (default: cuda when available) runs the model
+and the renders there:
+    python zeroshot.py recon  img.jpg [--mask 0.75]      <name>_recon.png: input | reconstruction, PSNR printed
+    python zeroshot.py layers img.jpg --layers 4         <name>_layers.png: layer map, groups (Fig. 6), first k (Fig. 7)
+    python zeroshot.py figure-ground img.jpg             <name>_fg.png mask (input size), <name>_fg_overlay.png
+    python zeroshot.py edges  img.jpg [--tiles 96]        <name>.png soft edges, input size, white = edge (BSDS layout)
+    python zeroshot.py gaussians img.jpg                  <name>_gaussians.png: centres, scale vs depth (Fig. 10)
+    python zeroshot.py export img.jpg                     <name>.ply in the 3DGS layout (see write_ply)
     python zeroshot.py eval-edges --pred DIR --gt DIR     ODS / OIS / AP of `edges` PNGs against BSDS .mat boundaries
     python zeroshot.py eval-edges --split val | --synthetic 200            GMAE, its controls and Sobel, scored
     python zeroshot.py eval-fg [--masks DIR | --synthetic 200 [--anywhere]]   IoU, F of figure-ground vs controls
@@ -42,6 +48,7 @@ The evaluation and plots need the optional packages of requirements-eval.txt (py
 Shapes: B images, K Gaussians, L layers, H x W pixels; Gaussians [B, K, 14] as in splat.py.
 """
 import argparse
+import collections
 import functools
 import math
 import os
@@ -52,16 +59,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-import engine
 import data
+import engine
 import splat
 import zeroshot_eval
+from model import GMAE, check_mask_ratio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED_DATA = os.path.join(HERE, "..", "shared", "data")  # optional; every command also takes explicit paths
 DEFAULT_CKPT = os.path.join("runs", "gmae", "checkpoint.pt")  # train.py's default --out
 EDGE_LAYERS = (2, 4, 8)  # the soft edge map averages over these L ...
 EDGE_THRESHOLDS = (0.05, 0.1, 0.2)  # ... and these change thresholds
+LAYER_THRESHOLD = 0.1  # layers and figure-ground: a significant change of a pixel (docs/design.md 5)
+MAX_SIZE = 512  # longest side the readings render at (--max-size): bounded memory whatever the photo
 DEPTH_MODES = ("learned", "permuted", "radial")
 IMAGE_COMMANDS = ("recon", "layers", "figure-ground", "edges", "gaussians", "export")
 
@@ -79,6 +88,33 @@ def image_gaussians(net, imgs, mask_ratio=0.0, generator=None):
     x = imgs if imgs.shape[-2:] == (S, S) else F.interpolate(imgs, size=(S, S), mode="bilinear", antialias=True)
     g, _ = net.gaussians(x.clamp(0, 1), mask_ratio, generator)
     return g, x
+
+
+def working_size(H, W, max_size):
+    """(h, w) the readings render at: H x W with the longest side brought down to max_size, aspect kept;
+    H x W itself when it fits or max_size is None or 0 (no bound)."""
+    if not max_size or max(H, W) <= max_size:
+        return H, W
+    s = max_size / max(H, W)
+    return max(1, round(H * s)), max(1, round(W * s))
+
+
+def shrink(img, max_size):
+    """[3, H, W] -> the image at working_size (bilinear, antialiased); the same tensor when it fits."""
+    h, w = working_size(*img.shape[-2:], max_size)
+    if (h, w) == tuple(img.shape[-2:]):
+        return img
+    return F.interpolate(img[None], size=(h, w), mode="bilinear", antialias=True)[0]
+
+
+def resize_map(x, H, W, mode):
+    """[..., h, w] map -> [..., H, W]: 'bilinear' for soft maps and pictures, 'nearest-exact' for masks (a bool
+    map stays bool). The same tensor when the size is already H x W."""
+    if tuple(x.shape[-2:]) == (H, W):
+        return x
+    y = F.interpolate(x.reshape(1, -1, *x.shape[-2:]).float(), size=(H, W), mode=mode)
+    y = y.reshape(*x.shape[:-2], H, W)
+    return y > 0.5 if x.dtype == torch.bool else y
 
 
 def control_depth(g, mode, generator=None):
@@ -111,7 +147,7 @@ def group_bounds(K, L):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Layers, figure-ground, edges (DESIGN.md 5)
+# Layers, figure-ground, edges (docs/design.md 5)
 
 
 @torch.no_grad()
@@ -199,13 +235,16 @@ def window_starts(size, win):
 
 
 def edge_map(net, img, depth="learned", tiles=None, layers=EDGE_LAYERS, thresholds=EDGE_THRESHOLDS,
-             backend="auto", generator=None):
-    """One image [3, H, W] -> soft edge map [H, W] in [0, 1] at the input's size.
+             backend="auto", generator=None, max_size=None):
+    """One image [3, H, W] -> soft edge map [H, W] in [0, 1] (on the CPU) at the input's size.
 
-    tiles=None: the whole image through the model (squashed to S x S), rendered at H x W.
-    tiles=WIN: overlapping WIN x WIN windows (stride WIN/2), each through the model and rendered at WIN x WIN,
-    blended with a tent weight."""
+    The map is made on the working image (shrink: longest side <= max_size) and resized back (bilinear).
+    tiles=None: the whole working image through the model (squashed to S x S), rendered at its size.
+    tiles=WIN: overlapping WIN x WIN windows of it (stride WIN/2), each through the model and rendered at
+    WIN x WIN, blended with a tent weight."""
     H, W = img.shape[-2:]
+    work = shrink(img, max_size)
+    h, w = work.shape[-2:]
 
     def one(crop):  # [3, h, w] -> [h, w]
         g, _ = image_gaussians(net, crop[None])
@@ -213,37 +252,42 @@ def edge_map(net, img, depth="learned", tiles=None, layers=EDGE_LAYERS, threshol
         return soft_edges(g, crop.shape[-2], crop.shape[-1], layers, thresholds, backend)[0]
 
     if tiles is None:
-        return one(img)
-    win = min(tiles, H, W)
-    out, weight = torch.zeros(H, W), torch.zeros(H, W)
+        return resize_map(one(work), H, W, "bilinear")
+    win = min(tiles, h, w)
+    out, weight = torch.zeros(h, w), torch.zeros(h, w)
     w2d = tent(win)[:, None] * tent(win)[None, :]
-    for top in window_starts(H, win):
-        for left in window_starts(W, win):
-            out[top:top + win, left:left + win] += w2d * one(img[:, top:top + win, left:left + win])
+    for top in window_starts(h, win):
+        for left in window_starts(w, win):
+            out[top:top + win, left:left + win] += w2d * one(work[:, top:top + win, left:left + win])
             weight[top:top + win, left:left + win] += w2d
-    return out / weight
+    return resize_map(out / weight, H, W, "bilinear")
 
 
-def figure_ground_of(g, H, W, layers, threshold, backend="auto"):
-    """Gaussians [1, K, 14] -> figure mask [H, W] bool: figure_ground of the layer map of L = layers at H x W."""
-    return figure_ground(layer_map(cumulative_renders(g, H, W, layers, backend), threshold)[0])
+def figure_ground_of(g, H, W, layers, threshold, backend="auto", max_size=None):
+    """Gaussians [1, K, 14] -> figure mask [H, W] bool: figure_ground of the layer map of L = layers, rendered at
+    working_size(H, W, max_size) and resized back (nearest)."""
+    h, w = working_size(H, W, max_size)
+    fg = figure_ground(layer_map(cumulative_renders(g, h, w, layers, backend), threshold)[0])
+    return resize_map(fg, H, W, "nearest-exact")
 
 
-def gaussian_readings(net, read, seed):
-    """For zeroshot_eval: (img [3, H, W], i) -> {depth mode: read(Gaussians [1, K, 14] under that mode, H, W)},
-    the image encoded once, image i's permuted control seeded seed + i."""
+def gaussian_readings(net, read, seed, device="cpu"):
+    """For zeroshot_eval: (img [3, H, W], i) -> {depth mode: read(Gaussians [1, K, 14] under that mode, H, W)}
+    on the CPU, the image encoded once on device, image i's permuted control seeded seed + i."""
     def readings(img, i):
-        g, _ = image_gaussians(net, img[None])
+        g, _ = image_gaussians(net, img[None].to(device))
         H, W = img.shape[-2:]
-        return {m: read(control_depth(g, m, torch.Generator().manual_seed(seed + i)), H, W) for m in DEPTH_MODES}
+        return {m: read(control_depth(g, m, torch.Generator().manual_seed(seed + i)), H, W).cpu()
+                for m in DEPTH_MODES}
     return readings
 
 
-def edge_readings(net, tiles, backend, seed):
-    """For zeroshot_eval: (img [3, H, W], i) -> {depth mode: edge_map [H, W]}, image i's control seeded seed + i."""
+def edge_readings(net, tiles, backend, seed, max_size=None, device="cpu"):
+    """For zeroshot_eval: (img [3, H, W], i) -> {depth mode: edge_map [H, W]} read on device, image i's control
+    seeded seed + i."""
     def readings(img, i):
-        return {m: edge_map(net, img, m, tiles, backend=backend, generator=torch.Generator().manual_seed(seed + i))
-                for m in DEPTH_MODES}
+        return {m: edge_map(net, img.to(device), m, tiles, backend=backend, max_size=max_size,
+                            generator=torch.Generator().manual_seed(seed + i)) for m in DEPTH_MODES}
     return readings
 
 
@@ -311,7 +355,7 @@ def plot_gaussians(g, img, path):
     size = g[:, 3:6].mean(1)
     H, W = img.shape[-2:]
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.8))
-    ax[0].imshow(img.permute(1, 2, 0).numpy(), extent=(0, W, H, 0))
+    ax[0].imshow(img.permute(1, 2, 0).cpu().numpy(), extent=(0, W, H, 0))
     sc = ax[0].scatter((x + 1) * W / 2, (y + 1) * H / 2, c=z, cmap="viridis", s=8, vmin=-1, vmax=1)
     fig.colorbar(sc, ax=ax[0], label="z (small = near)")
     ax[0].set_title("centres, coloured by depth")
@@ -338,7 +382,7 @@ PLY_FIELDS = ("x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "op
 def write_ply(path, g):
     """Write Gaussians [K, 14] as a binary little-endian PLY with the 3DGS vertex properties (float32):
         x y z        centre, in this project's world frame (x right, y down, z away from the camera, which
-                     sits at z = -8 looking along +z with a 90-degree field of view: DESIGN.md 2)
+                     sits at z = -8 looking along +z with a 90-degree field of view: docs/design.md 2)
         nx ny nz     0 (unused, kept for viewers that expect them)
         f_dc_0..2    (rgb - 0.5) / SH_C0, colour as a degree-0 spherical harmonic (no f_rest: degree 0 only)
         opacity      logit(opacity), opacities clamped to [1e-6, 1 - 1e-6]
@@ -377,94 +421,142 @@ def read_ply(path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Commands on image files: each writes OUT/<stem> with a name of its own, so commands can share --out
+# Commands on image files: each writes OUT/<name> plus a suffix of its own, so commands can share --out
 
 
 def collect_images(paths):
-    """Image files from a list of files and folders (folders: data.list_images, recursive, sorted)."""
-    files = []
+    """(file, output name) pairs from a list of files and folders (folders: data.list_images, recursive, sorted).
+
+    The name is the file's path under the folder argument it came from (its own name for a file given directly)
+    without the extension: DIR/a/1.jpg -> a/1, and a BSDS folder gives the <stem>.png edge maps that
+    `eval-edges --pred` reads. A file listed twice is read once. ValueError when two inputs would still share a
+    name (see output_names): nothing is overwritten silently."""
+    found = {}  # absolute path -> (path as given, path under its folder argument)
     for p in paths:
         if os.path.isdir(p):
-            found = data.list_images(p)
-            if not found:
+            files = data.list_images(p)
+            if not files:
                 raise FileNotFoundError(f"no images found under {p} (looked for {', '.join(data.IMG_EXTENSIONS)})")
-            files += found
+            pairs = [(f, os.path.relpath(f, p)) for f in files]
         elif os.path.isfile(p):
-            files.append(p)
+            pairs = [(p, os.path.basename(p))]
         else:
             raise FileNotFoundError(f"no such image file or folder: {p}")
-    return files
+        for f, rel in pairs:
+            found.setdefault(os.path.abspath(f), (f, rel))
+    files = [f for f, _ in found.values()]
+    return list(zip(files, output_names(files, [rel for _, rel in found.values()])))
 
 
-def stem(path):
-    return os.path.splitext(os.path.basename(path))[0]
+def output_names(files, rels):
+    """Each file's output name: its relative path rel without the extension, or with the extension folded in
+    (x.jpg -> x_jpg, x.png -> x_png) where two inputs differ only by it. ValueError naming both files when two
+    would still share a name (DIR1/x.jpg and DIR2/x.jpg given together). Names are compared ignoring case, as a
+    macOS or Windows disk does."""
+    bases = [os.path.splitext(r)[0] for r in rels]
+    count = collections.Counter(b.casefold() for b in bases)
+    names = [b + "_" + os.path.splitext(r)[1][1:] if count[b.casefold()] > 1 else b for b, r in zip(bases, rels)]
+    first = {}
+    for f, name in zip(files, names):
+        if name.casefold() in first:
+            raise ValueError(f"{first[name.casefold()]} and {f} would both be written as {name}...: give the folder "
+                             "above them (names keep the path under it), or run them with different --out")
+        first[name.casefold()] = f
+    return names
 
 
-def load_gmae(path):
-    """The model of a train.py checkpoint, in eval mode. Raises FileNotFoundError, engine.CheckpointError, or
-    ValueError for a pixel-decoder (MAE) checkpoint: it predicts no Gaussians to read."""
-    net, _ = engine.load_checkpoint(path)
-    if net.cfg.decoder != "gaussians":
+def load_gmae(path, device="cpu"):
+    """(The model of a train.py checkpoint on device, in eval mode; the checkpoint dict), as engine.load_checkpoint.
+    Raises FileNotFoundError; engine.CheckpointError (a ValueError) for a file that cannot be used, one whose
+    weights do not fit its config, or a finetune.py classifier (no decoder); ValueError for a pixel-decoder (MAE)
+    checkpoint: neither predicts Gaussians to read."""
+    ckpt = engine.read_checkpoint(path, device)
+    cfg = ckpt["config"]
+    if ckpt.get("kind") == "finetune" or not any(k.startswith("decoder.") for k in ckpt["model"]):
+        raise engine.CheckpointError(f"{path} holds no decoder (a finetune.py classifier keeps the encoder and a "
+                                     "class head); zero-shot readings need GMAE's Gaussians: pass a checkpoint "
+                                     "written by train.py")
+    if cfg.decoder != "gaussians":
         raise ValueError(f"{path} is a pixel-decoder (MAE) checkpoint; zero-shot readings need GMAE's Gaussians")
-    return net.eval()
+    net = GMAE(cfg).to(device)
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # strict loading: missing, unexpected or misshapen weights
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        message = f"{path}: its weights do not fit the model its config describes ({reason})"
+        raise engine.CheckpointError(message) from None
+    return net.eval(), ckpt
 
 
-def run_recon(net, img, path, out, mask_ratio, seed, backend):
+def pretraining_note(ckpt, path):
+    """The start-up line on what a checkpoint was pretrained on, for readings of photos; None when it says a
+    folder of images. train.py records its --data as ckpt["data"]: "synthetic" or the folder's path."""
+    if ckpt.get("data") == "synthetic":
+        return (f"note: {path} was pretrained on the embedded synthetic scenes, so on photos its readings are the "
+                "outlines of that model's blobs; pretrain on photos for them (README, zero-shot readings)")
+    if "data" not in ckpt:
+        return (f"note: {path} does not record its pretraining data; readings of photos mean something only for "
+                "a model pretrained on photos (train.py --data FOLDER)")
+    return None
+
+
+def run_recon(net, img, path, dest, mask_ratio, seed, backend, max_size):
     S = net.cfg.img_size
-    g, x = image_gaussians(net, img[None], mask_ratio, torch.Generator().manual_seed(seed))
+    g, x = image_gaussians(net, img[None], mask_ratio, torch.Generator(img.device).manual_seed(seed))
     recon_s = splat.render(g, S, S, backend=backend)
     H, W = img.shape[-2:]
-    recon = splat.render(g, H, W, backend=backend)[0]  # the same Gaussians at the input's size
-    Image.fromarray(np.concatenate([data.to_uint8(img), data.to_uint8(recon)], axis=1)).save(
-        os.path.join(out, stem(path) + "_recon.png"))
+    recon = splat.render(g, *working_size(H, W, max_size), backend=backend)[0]  # the same Gaussians, sharper
+    recon = resize_map(recon, H, W, "bilinear")
+    Image.fromarray(np.concatenate([data.to_uint8(img), data.to_uint8(recon)], axis=1)).save(dest + "_recon.png")
     print(f"{path}: PSNR {splat.psnr(recon_s.clamp(0, 1), x):.2f} dB at the model's {S} x {S} (mask {mask_ratio})")
 
 
-def run_layers(net, img, path, out, depth, layers, threshold, seed, backend):
+def run_layers(net, img, dest, depth, layers, threshold, seed, backend):
     g, _ = image_gaussians(net, img[None])
     g = control_depth(g, depth, torch.Generator().manual_seed(seed))
-    layers_strip(g, img, layers, threshold, backend).save(os.path.join(out, stem(path) + "_layers.png"))
+    layers_strip(g, img, layers, threshold, backend).save(dest + "_layers.png")
 
 
-def run_figure_ground(net, img, path, out, depth, layers, threshold, seed, backend):
+def run_figure_ground(net, img, dest, depth, layers, threshold, seed, backend, max_size):
     g, _ = image_gaussians(net, img[None])
     g = control_depth(g, depth, torch.Generator().manual_seed(seed))
-    fg = figure_ground_of(g, *img.shape[-2:], layers, threshold, backend)
-    save_png(fg.float(), os.path.join(out, stem(path) + "_fg.png"))
-    tint = torch.tensor([1.0, 0.2, 0.2]).view(3, 1, 1)
-    save_png(torch.where(fg, 0.5 * img + 0.5 * tint, 0.4 * img), os.path.join(out, stem(path) + "_fg_overlay.png"))
+    fg = figure_ground_of(g, *img.shape[-2:], layers, threshold, backend, max_size)
+    save_png(fg.float(), dest + "_fg.png")
+    tint = torch.tensor([1.0, 0.2, 0.2], device=img.device).view(3, 1, 1)
+    save_png(torch.where(fg, 0.5 * img + 0.5 * tint, 0.4 * img), dest + "_fg_overlay.png")
 
 
-def run_edges(net, img, path, out, depth, layers, tiles, seed, backend):
-    """Writes <stem>.png, no suffix: the BSDS layout that `eval-edges --pred` reads."""
-    layers = EDGE_LAYERS if layers is None else (layers,)
-    e = edge_map(net, img, depth, tiles, layers, EDGE_THRESHOLDS, backend, torch.Generator().manual_seed(seed))
-    save_png(e, os.path.join(out, stem(path) + ".png"))
+def run_edges(net, img, dest, depth, layers, thresholds, tiles, seed, backend, max_size):
+    """Writes <name>.png, no suffix: the BSDS layout that `eval-edges --pred` reads."""
+    e = edge_map(net, img, depth, tiles, layers, thresholds, backend, torch.Generator().manual_seed(seed), max_size)
+    save_png(e, dest + ".png")
 
 
-def run_gaussians(net, img, path, out):
+def run_gaussians(net, img, dest):
     g, _ = image_gaussians(net, img[None])
-    plot_gaussians(g, img, os.path.join(out, stem(path) + "_gaussians.png"))
+    plot_gaussians(g, img, dest + "_gaussians.png")
 
 
-def run_export(net, img, path, out):
+def run_export(net, img, dest):
     g, _ = image_gaussians(net, img[None])
-    write_ply(os.path.join(out, stem(path) + ".ply"), g[0])
+    write_ply(dest + ".ply", g[0])
 
 
-def run_on_images(command, paths, out, write):
-    """write(img [3, H, W], path) on every file; an unreadable image is reported and skipped, the rest still run.
-    Returns the number of failures."""
+def run_on_images(command, files, out, write, device="cpu"):
+    """write(img [3, H, W] on device, path, dest) for every (path, name) of collect_images, dest = OUT/<name> (its
+    folder made); an unreadable image is reported and skipped, the rest still run. Returns the number of failures."""
     failures = 0
-    for path in paths:
+    for path, name in files:
         try:
             img = data.to_tensor(data.load_rgb(path))
-        except RuntimeError as e:  # data.load_rgb names the file
+        except data.BrokenImageError as e:  # data.load_rgb names the file
             print(f"skipped: {e}", file=sys.stderr)
             failures += 1
             continue
-        write(img, path)
-    print(f"{command}: {len(paths) - failures} of {len(paths)} images written to {out}"
+        dest = os.path.join(out, name)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        write(img.to(device), path, dest)
+    print(f"{command}: {len(files) - failures} of {len(files)} images written to {out}"
           + (f", {failures} failed" if failures else ""))
     return failures
 
@@ -479,24 +571,32 @@ def build_parser():
     common.add_argument("--out", default=None, help="output folder (default runs/zeroshot/<command>)")
     common.add_argument("--splat", default="auto", choices=splat.BACKENDS, help="rasterizer backend")
     common.add_argument("--seed", type=int, default=0, help="seed of masks and of the permuted-depth control")
+    common.add_argument("--device", default=engine.default_device(),
+                        help="cpu, cuda or cuda:N: where the model and the renders run (default: cuda when available)")
+    common.add_argument("--max-size", type=int, default=MAX_SIZE,
+                        help="longest side in pixels the readings render at; maps are resized back to the input's "
+                             "size (0: no bound, the input's own size)")
     reading = argparse.ArgumentParser(add_help=False)
     reading.add_argument("--depth", default="learned", choices=DEPTH_MODES,
                          help="learned z, or a control: permuted z, or radial (position only)")
-    reading.add_argument("--threshold", type=float, default=0.1, help="significant change of a pixel (DESIGN.md 5)")
+    reading.add_argument("--threshold", type=float, default=None,
+                         help=f"significant pixel change, in (0, 1) (docs/design.md 5; default {LAYER_THRESHOLD}; "
+                              f"edges: one threshold instead of the mean over {EDGE_THRESHOLDS})")
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("recon", parents=[common], help="<stem>_recon.png: input | reconstruction, PSNR")
+    s = sub.add_parser("recon", parents=[common], help="<name>_recon.png: input | reconstruction, PSNR")
     s.add_argument("--mask", type=float, default=0.0, help="mask ratio (0 = the whole image)")
-    s = sub.add_parser("layers", parents=[common, reading], help="<stem>_layers.png: layer map, groups (Figs. 6-7)")
+    s = sub.add_parser("layers", parents=[common, reading], help="<name>_layers.png: layer map, groups (Figs. 6-7)")
     s.add_argument("--layers", type=int, default=4, help="number of layers L")
-    s = sub.add_parser("figure-ground", parents=[common, reading], help="<stem>_fg.png mask, <stem>_fg_overlay.png")
+    s = sub.add_parser("figure-ground", parents=[common, reading], help="<name>_fg.png mask, <name>_fg_overlay.png")
     s.add_argument("--layers", type=int, default=2, help="number of layers L")
-    s = sub.add_parser("edges", parents=[common, reading], help="<stem>.png soft edge map at the input's size")
+    s = sub.add_parser("edges", parents=[common, reading], help="<name>.png soft edge map at the input's size")
     s.add_argument("--layers", type=int, default=None, help=f"one L (Fig. 8 hierarchy); default: mean over {EDGE_LAYERS}")
-    s.add_argument("--tiles", type=int, default=None, help="window size in input pixels (stride half): local detail")
-    sub.add_parser("gaussians", parents=[common], help="<stem>_gaussians.png: centres, scale vs depth, opacity")
-    sub.add_parser("export", parents=[common], help="<stem>.ply: 3DGS layout of each image's Gaussians")
+    s.add_argument("--tiles", type=int, default=None,
+                   help="window size in pixels of the working image (--max-size; stride half): local detail")
+    sub.add_parser("gaussians", parents=[common], help="<name>_gaussians.png: centres, scale vs depth, opacity")
+    sub.add_parser("export", parents=[common], help="<name>.ply: 3DGS layout of each image's Gaussians")
     for name in IMAGE_COMMANDS:
         sub.choices[name].add_argument("images", nargs="+", help="image files and/or folders")
 
@@ -509,15 +609,32 @@ def build_parser():
     s.add_argument("--pred", help="folder of edge PNGs to score (<stem>.png, as `edges` writes)")
     s.add_argument("--gt", help="folder of BSDS groundTruth .mat files")
     s.add_argument("--split", default="val", choices=["train", "val", "test"], help="BSDS500 split to run")
-    s.add_argument("--bsds", default=os.path.join(SHARED_DATA, "bsds500"), help="BSDS500 root")
+    s.add_argument("--bsds", help="BSDS500 root: ROOT/images/<split>/*.jpg, ROOT/groundTruth/<split>/*.mat "
+                                  "(the official archive's BSR/BSDS500/data)")
     s.add_argument("--nthresh", type=int, default=99, help="thresholds swept (official benchmark: 99)")
     s.add_argument("--tiles", type=int, default=None, help="window size for edges (see edges --tiles)")
     s = sub.add_parser("eval-fg", parents=[common, synth], help="IoU, F of figure-ground masks vs controls")
-    s.add_argument("--masks", default=os.path.join(SHARED_DATA, "ecssd_fg"), help="folder with images/ and masks/")
+    s.add_argument("--masks", help="figure-ground set: DIR/images/<stem>.jpg, DIR/masks/<stem>.png (ECSSD)")
     s.add_argument("--layers", type=int, default=2, help="number of layers L")
-    s.add_argument("--threshold", type=float, default=0.1, help="significant change of a pixel")
+    s.add_argument("--threshold", type=float, default=LAYER_THRESHOLD, help="significant change of a pixel, in (0, 1)")
     sub.add_parser("eval-depth", parents=[common, synth], help="fg AUC and paint-order rank correlation of depth")
     return p
+
+
+def range_error(threshold, max_size, synthetic, size, limit):
+    """The one-line message for the first numeric flag outside its range, or None (None: a flag not given)."""
+    if threshold is not None and not 0 < threshold < 1:
+        return (f"--threshold must be in (0, 1), got {threshold}: a pixel's change, the largest over its channels, "
+                "lies in [0, 1]")
+    if max_size < 0:
+        return f"--max-size must be >= 0 (0: no bound), got {max_size}"
+    if synthetic < 0:
+        return f"--synthetic must be >= 0 (0: a folder dataset), got {synthetic}"
+    if size < 8:
+        return f"--size must be >= 8 (the synthetic scenes' shapes need it), got {size}"
+    if limit is not None and limit < 1:
+        return f"--limit must be >= 1 (leave it out for every image), got {limit}"
+    return None
 
 
 def main(argv=None):
@@ -531,52 +648,77 @@ def main(argv=None):
         parser.error(f"--tiles is a window size in pixels, >= 2, got {tiles}")
     if nthresh < 1:
         parser.error(f"--nthresh must be >= 1, got {nthresh}")
+    error = range_error(getattr(args, "threshold", None), args.max_size, getattr(args, "synthetic", 0),
+                        getattr(args, "size", 8), getattr(args, "limit", None))
+    if error:
+        parser.error(error)
     if args.command == "eval-depth" and args.synthetic < 1:
         parser.error("eval-depth needs --synthetic N (N >= 1): it scores depth against the scenes' paint order")
     score_folder = args.command == "eval-edges" and bool(args.pred or args.gt)
     if score_folder and not (args.pred and args.gt):
         parser.error("--pred and --gt go together: a folder of edge PNGs and a folder of BSDS .mat files")
+    if args.command == "eval-edges" and not (score_folder or args.synthetic or args.bsds):
+        parser.error("eval-edges needs --bsds ROOT with ROOT/images/<split>/<id>.jpg and ROOT/groundTruth/<split>/"
+                     "<id>.mat (BSDS500's BSR/BSDS500/data), or --synthetic N, or --pred DIR --gt DIR")
+    if args.command == "eval-fg" and not (args.synthetic or args.masks):
+        parser.error("eval-fg needs --masks DIR with DIR/images/<stem>.jpg and DIR/masks/<stem>.png (ECSSD; mask white "
+                     "= figure), or --synthetic N")
 
     net = None
     if not score_folder:
         try:
-            net = load_gmae(args.ckpt)
-        except (FileNotFoundError, ValueError) as e:  # missing, engine.CheckpointError (a ValueError), or MAE
+            device = engine.check_device(args.device)
+            net, ckpt = load_gmae(args.ckpt, device)
+            if args.command == "recon":
+                check_mask_ratio(args.mask, net.cfg.num_patches)
+        except (FileNotFoundError, ValueError) as e:  # device, missing, engine.CheckpointError (a ValueError), MAE
             parser.error(str(e))
         if layers is not None and layers > net.cfg.num_gaussians:
             parser.error(f"--layers {layers} is more than the model's {net.cfg.num_gaussians} Gaussians")
+        photos = args.command in IMAGE_COMMANDS or (args.command in ("eval-edges", "eval-fg") and not args.synthetic)
+        note = pretraining_note(ckpt, args.ckpt) if photos else None
+        if note:
+            print(note, file=sys.stderr)
     os.makedirs(out, exist_ok=True)
 
-    seed, backend = args.seed, args.splat
+    seed, backend, max_size = args.seed, args.splat, args.max_size
     try:
         if args.command in IMAGE_COMMANDS:
             depth, threshold = getattr(args, "depth", None), getattr(args, "threshold", None)
+            edge_layers = EDGE_LAYERS if layers is None else (layers,)
+            edge_thresholds = EDGE_THRESHOLDS if threshold is None else (threshold,)
+            threshold = LAYER_THRESHOLD if threshold is None else threshold
             write = {
-                "recon": lambda img, path: run_recon(net, img, path, out, args.mask, seed, backend),
-                "layers": lambda img, path: run_layers(net, img, path, out, depth, layers, threshold, seed, backend),
-                "figure-ground": lambda img, path: run_figure_ground(net, img, path, out, depth, layers, threshold,
-                                                                     seed, backend),
-                "edges": lambda img, path: run_edges(net, img, path, out, depth, layers, tiles, seed, backend),
-                "gaussians": lambda img, path: run_gaussians(net, img, path, out),
-                "export": lambda img, path: run_export(net, img, path, out),
+                "recon": lambda img, path, dest: run_recon(net, img, path, dest, args.mask, seed, backend, max_size),
+                "layers": lambda img, path, dest: run_layers(net, img, dest, depth, layers, threshold, seed, backend),
+                "figure-ground": lambda img, path, dest: run_figure_ground(net, img, dest, depth, layers, threshold,
+                                                                           seed, backend, max_size),
+                "edges": lambda img, path, dest: run_edges(net, img, dest, depth, edge_layers, edge_thresholds, tiles,
+                                                           seed, backend, max_size),
+                "gaussians": lambda img, path, dest: run_gaussians(net, img, dest),
+                "export": lambda img, path, dest: run_export(net, img, dest),
             }[args.command]
-            return 1 if run_on_images(args.command, collect_images(args.images), out, write) else 0
+            return 1 if run_on_images(args.command, collect_images(args.images), out, write, device) else 0
         if score_folder:
             zeroshot_eval.eval_edge_folder(args.pred, args.gt, nthresh)
         elif args.command == "eval-edges":
             items, where = zeroshot_eval.edge_items(args.synthetic, args.size, args.anywhere, args.bsds, args.split,
                                                     args.limit)
             out = os.path.join(out, where + (f"_tiles{tiles}" if tiles else ""))
-            zeroshot_eval.eval_edges(items, where, edge_readings(net, tiles, backend, seed), out, nthresh)
+            readings = edge_readings(net, tiles, backend, seed, max_size, device)
+            zeroshot_eval.eval_edges(items, where, readings, out, nthresh)
         elif args.command == "eval-fg":
             items, where = zeroshot_eval.fg_items(args.synthetic, args.size, args.anywhere, args.masks, args.limit)
-            read = functools.partial(figure_ground_of, layers=layers, threshold=args.threshold, backend=backend)
-            zeroshot_eval.eval_fg(items, where, gaussian_readings(net, read, seed), out, layers, args.threshold)
+            read = functools.partial(figure_ground_of, layers=layers, threshold=args.threshold, backend=backend,
+                                     max_size=max_size)
+            zeroshot_eval.eval_fg(items, where, gaussian_readings(net, read, seed, device), out, layers, args.threshold)
         else:
-            readings = gaussian_readings(net, lambda g, H, W: g[0], seed)  # the Gaussians [K, 14] themselves
+            readings = gaussian_readings(net, lambda g, H, W: g[0], seed, device)  # the Gaussians [K, 14] themselves
             zeroshot_eval.eval_depth(args.synthetic, args.size, args.anywhere, readings, out)
-    except (ImportError, FileNotFoundError, ValueError) as e:
+    except (ImportError, FileNotFoundError, ValueError, data.BrokenImageError, splat.DenseRenderTooLarge) as e:
         parser.error(str(e))
+    except splat.BackendUnavailable as e:  # an explicit --splat cpu / cuda; the compiler's output runs many lines
+        parser.error(f"{str(e).splitlines()[0][:300]} ... (--splat auto falls back to the torch reference)")
     return 0
 
 

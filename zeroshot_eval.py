@@ -1,6 +1,6 @@
 """
 The evaluation of zeroshot.py's readings against ground truth and controls (paper Sec. 4.3-4.4;
-../shared/DESIGN.md 5): edges with the BSDS boundary benchmark, figure-ground masks with IoU and F, and the
+docs/design.md 5): edges with the BSDS boundary benchmark, figure-ground masks with IoU and F, and the
 learned depth with threshold-free diagnostics. Without the controls no zero-shot number means anything.
 
 The readings come in as a function readings(img [3, H, W], i) -> {depth mode: reading}, built by zeroshot.py
@@ -164,10 +164,28 @@ def boundary_scores(counts, thresholds):
 
 
 def load_bsds_boundaries(path):
-    """A BSDS groundTruth .mat -> list of [H, W] uint8 boundary maps, one per annotator."""
+    """A BSDS groundTruth .mat -> list of [H, W] uint8 boundary maps, one per annotator. ValueError naming the
+    file when it is missing, cut short, or holds no groundTruth{i}.Boundaries."""
     scipy_io = require("scipy.io", "reading BSDS .mat ground truth")
-    gt = scipy_io.loadmat(path)["groundTruth"]
-    return [gt[0, i]["Boundaries"][0, 0] for i in range(gt.shape[1])]
+    try:
+        gt = scipy_io.loadmat(path)["groundTruth"]
+        return [gt[0, i]["Boundaries"][0, 0] for i in range(gt.shape[1])]
+    except Exception as e:  # OSError, ValueError, scipy's MatReadError, KeyError, IndexError, by the damage
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"could not read BSDS ground truth {path}: {type(e).__name__}: {reason}. Replace or delete "
+                         "the file.") from None
+
+
+def check_same_size(path, size, other, other_size):
+    """ValueError unless the [H, W] sizes of ground truth and its image (or prediction) agree."""
+    if tuple(size) != tuple(other_size):
+        raise ValueError(f"{path} is {size[1]} x {size[0]} px but {other} is {other_size[1]} x {other_size[0]}: "
+                         "ground truth and image must have the same size")
+
+
+def load_edge_png(path):
+    """An edge map PNG (white = edge) -> [H, W] float64 in [0, 1]; data.BrokenImageError naming a broken file."""
+    return np.asarray(data.load_rgb(path).convert("L"), dtype=np.float64) / 255
 
 
 def score_edge_folder(pred_dir, gt_dir, nthresh, max_dist=0.0075):
@@ -181,8 +199,11 @@ def score_edge_folder(pred_dir, gt_dir, nthresh, max_dist=0.0075):
     th = bsds_thresholds(nthresh)
     counts = []
     for s in stems:
-        pred = np.asarray(Image.open(os.path.join(pred_dir, s + ".png")).convert("L"), dtype=np.float64) / 255
-        counts.append(boundary_counts(pred, load_bsds_boundaries(os.path.join(gt_dir, s + ".mat")), th, max_dist))
+        pred_path, gt_path = os.path.join(pred_dir, s + ".png"), os.path.join(gt_dir, s + ".mat")
+        pred, gts = load_edge_png(pred_path), load_bsds_boundaries(gt_path)
+        for gt in gts:
+            check_same_size(gt_path, gt.shape, pred_path, pred.shape)
+        counts.append(boundary_counts(pred, gts, th, max_dist))
     return boundary_scores(np.stack(counts), th)
 
 
@@ -259,8 +280,17 @@ def edge_items(synthetic, size, anywhere, bsds, split, limit):
         raise FileNotFoundError(f"no BSDS500 ground truth at {gt_dir}; "
                                 "pass --bsds ROOT (with images/ and groundTruth/)")
     stems = sorted(f[:-4] for f in os.listdir(gt_dir) if f.endswith(".mat"))[:limit]
-    items = [(s, data.to_tensor(data.load_rgb(os.path.join(img_dir, s + ".jpg"))),
-              load_bsds_boundaries(os.path.join(gt_dir, s + ".mat"))) for s in stems]
+    if not stems:
+        raise FileNotFoundError(f"no .mat ground truth files in {gt_dir}")
+    items = []
+    for s in stems:
+        img_path, gt_path = os.path.join(img_dir, s + ".jpg"), os.path.join(gt_dir, s + ".mat")
+        if not os.path.isfile(img_path):
+            raise FileNotFoundError(f"no image for {gt_path}: expected {img_path}")
+        img, gts = data.to_tensor(data.load_rgb(img_path)), load_bsds_boundaries(gt_path)  # each names a broken file
+        for gt in gts:
+            check_same_size(gt_path, gt.shape, img_path, img.shape[-2:])
+        items.append((s, img, gts))
     return items, f"bsds_{split}"
 
 
@@ -273,11 +303,18 @@ def fg_items(synthetic, size, anywhere, masks, limit):
     img_dir, mask_dir = os.path.join(masks, "images"), os.path.join(masks, "masks")
     if not os.path.isdir(img_dir) or not os.path.isdir(mask_dir):
         raise FileNotFoundError(f"--masks {masks} needs images/ and masks/ subfolders (ECSSD layout)")
+    paths = data.list_images(img_dir)[:limit]
+    if not paths:
+        raise FileNotFoundError(f"no images found under {img_dir} (looked for {', '.join(data.IMG_EXTENSIONS)})")
     items = []
-    for path in data.list_images(img_dir)[:limit]:
+    for path in paths:
         mask_path = os.path.join(mask_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
+        if not os.path.isfile(mask_path):
+            raise FileNotFoundError(f"no mask for {path}: expected {mask_path} (white = figure)")
+        img = data.to_tensor(data.load_rgb(path))  # data.BrokenImageError names a file that cannot be decoded
         gt = torch.from_numpy(np.asarray(data.load_rgb(mask_path).convert("L")) > 127)
-        items.append((data.to_tensor(data.load_rgb(path)), gt))
+        check_same_size(mask_path, gt.shape, path, img.shape[-2:])
+        items.append((img, gt))
     return items, os.path.basename(os.path.normpath(masks))
 
 

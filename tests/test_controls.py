@@ -123,7 +123,7 @@ def test_eval_fg_scores_each_method_on_a_scene_with_a_known_figure(tmp_path, mon
         (tmp_path / "fg" / "masks").mkdir(exist_ok=True)
         Image.new("RGB", (S, S), (128, 128, 128)).save(tmp_path / "fg" / "images" / f"{i}.png")
         Image.fromarray(gt.numpy().astype(np.uint8) * 255).save(tmp_path / "fg" / "masks" / f"{i}.png")
-    monkeypatch.setattr(Z, "load_gmae", lambda path: FixedGaussians(blob_scene()))
+    monkeypatch.setattr(Z, "load_gmae", lambda path, device: (FixedGaussians(blob_scene()), {}))
     Z.main(["eval-fg", "--masks", str(tmp_path / "fg"), "--out", str(tmp_path / "out"), "--splat", "torch",
             "--layers", "2", "--threshold", "0.1", "--seed", str(seed)])
     res = json.loads((tmp_path / "out" / "fg_fg.json").read_text())
@@ -168,7 +168,7 @@ def test_eval_edges_scores_each_methods_own_edge_map(tmp_path, monkeypatch):
     assert (learned > 0).sum() > 20  # rings around the blob, one per change threshold
     boundary = torch.from_numpy(binary_thin(np.round(learned * 255) / 255 >= 0.25))
     grey = torch.full((3, S, S), 0.5)  # Sobel of a flat image: no edge either
-    monkeypatch.setattr(Z, "load_gmae", lambda path: FixedGaussians(g))
+    monkeypatch.setattr(Z, "load_gmae", lambda path, device: (FixedGaussians(g), {}))
     scene = {"image": grey, "boundary": boundary}
     monkeypatch.setattr(ZE, "synthetic_scenes", lambda n, size, anywhere: Scenes(n, scene))
     Z.main(["eval-edges", "--synthetic", "1", "--size", str(S), "--nthresh", "3", "--out", str(tmp_path),
@@ -224,7 +224,7 @@ def test_eval_depth_numbers_of_a_scene_with_a_known_paint_order(tmp_path, monkey
     stats = pytest.importorskip("scipy.stats")
     g, sc = depth_gaussians(), depth_scene()
     paint = [layer for _, _, layer in DEPTH_GAUSSIANS]
-    monkeypatch.setattr(Z, "load_gmae", lambda path: FixedGaussians(g))
+    monkeypatch.setattr(Z, "load_gmae", lambda path, device: (FixedGaussians(g), {}))
     monkeypatch.setattr(ZE, "synthetic_scenes", lambda n, size, anywhere: Scenes(n, sc))
     Z.main(["eval-depth", "--synthetic", "2", "--size", str(S), "--out", str(tmp_path), "--seed", str(seed)])
     res = json.loads((tmp_path / "depth_synthetic.json").read_text())

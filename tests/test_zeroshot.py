@@ -49,7 +49,7 @@ def images(tmp_path_factory):
 
 def gaussian(x, y, z, std, rgb=(0.0, 0.0, 0.0), opacity=1.0, H=32):
     """One isotropic Gaussian [14] whose footprint has about `std` pixels standard deviation at depth z."""
-    s = std * (z + 8) / (H / 2)  # world scale: undo the camera's fx / zc (DESIGN.md 2)
+    s = std * (z + 8) / (H / 2)  # world scale: undo the camera's fx / zc (docs/design.md 2)
     return torch.tensor([x, y, z, s, s, s, 1, 0, 0, 0, *rgb, opacity], dtype=torch.float64)
 
 
@@ -221,9 +221,9 @@ def test_edges_and_figure_ground_sharing_out_keep_each_others_files(ckpt, images
     assert (tmp_path / "small.png").read_bytes() == edges_png  # figure-ground left the edge map alone
     img = data.to_tensor(data.load_rgb(images / "small.png"))
     torch.manual_seed(0)
-    edges = Z.edge_map(Z.load_gmae(ckpt), img, "learned", None, (2,), Z.EDGE_THRESHOLDS, "torch")
+    edges = Z.edge_map(Z.load_gmae(ckpt)[0], img, "learned", None, (2,), Z.EDGE_THRESHOLDS, "torch")
     torch.manual_seed(0)
-    net = Z.load_gmae(ckpt)
+    net = Z.load_gmae(ckpt)[0]
     fg = Z.figure_ground_of(Z.image_gaussians(net, img[None])[0], 17, 33, 2, 0.1, "torch")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "small.png")), data.to_uint8(edges))  # the edge map
     assert np.array_equal(np.asarray(Image.open(tmp_path / "small_fg.png")), data.to_uint8(fg.float()))  # the mask
@@ -267,6 +267,14 @@ def test_bad_flags_are_a_one_line_error(ckpt, tmp_path, capsys):
     assert cli_error(capsys, Z.main, ["eval-depth", "--ckpt", ckpt]).startswith("eval-depth needs --synthetic N")
     message = cli_error(capsys, Z.main, ["eval-fg", "--masks", str(tmp_path), "--ckpt", ckpt, "--out", str(tmp_path)])
     assert message == f"--masks {tmp_path} needs images/ and masks/ subfolders (ECSSD layout)"
+
+
+def test_eval_without_a_dataset_names_the_flag_and_its_layout(tmp_path, capsys):
+    none = str(tmp_path / "none.pt")  # the check comes before the checkpoint is read
+    message = cli_error(capsys, Z.main, ["eval-edges", "--ckpt", none])
+    assert message.startswith("eval-edges needs --bsds ROOT with ROOT/images/<split>/<id>.jpg and ROOT/groundTruth/")
+    message = cli_error(capsys, Z.main, ["eval-fg", "--ckpt", none])
+    assert message.startswith("eval-fg needs --masks DIR with DIR/images/<stem>.jpg and DIR/masks/<stem>.png")
 
 
 def test_eval_fg_and_depth_on_synthetic_scenes(ckpt, tmp_path):
