@@ -614,7 +614,7 @@ def build_parser():
     s.add_argument("--nthresh", type=int, default=99, help="thresholds swept (official benchmark: 99)")
     s.add_argument("--tiles", type=int, default=None, help="window size for edges (see edges --tiles)")
     s = sub.add_parser("eval-fg", parents=[common, synth], help="IoU, F of figure-ground masks vs controls")
-    s.add_argument("--masks", help="figure-ground set: DIR/images/<stem>.jpg, DIR/masks/<stem>.png (ECSSD)")
+    s.add_argument("--masks", help="figure-ground set: DIR/images/<stem>.jpg, DIR/ground_truth_mask/<stem>.png (ECSSD)")
     s.add_argument("--layers", type=int, default=2, help="number of layers L")
     s.add_argument("--threshold", type=float, default=LAYER_THRESHOLD, help="significant change of a pixel, in (0, 1)")
     sub.add_parser("eval-depth", parents=[common, synth], help="fg AUC and paint-order rank correlation of depth")
@@ -661,8 +661,8 @@ def main(argv=None):
         parser.error("eval-edges needs --bsds ROOT with ROOT/images/<split>/<id>.jpg and ROOT/groundTruth/<split>/"
                      "<id>.mat (BSDS500's BSR/BSDS500/data), or --synthetic N, or --pred DIR --gt DIR")
     if args.command == "eval-fg" and not (args.synthetic or args.masks):
-        parser.error("eval-fg needs --masks DIR with DIR/images/<stem>.jpg and DIR/masks/<stem>.png (ECSSD; mask white "
-                     "= figure), or --synthetic N")
+        parser.error("eval-fg needs --masks DIR with DIR/images/<stem>.jpg and DIR/ground_truth_mask/<stem>.png (ECSSD "
+                     "as unpacked; masks/ also works; white = figure), or --synthetic N")
 
     net = None
     if not score_folder:

@@ -294,15 +294,21 @@ def edge_items(synthetic, size, anywhere, bsds, split, limit):
     return items, f"bsds_{split}"
 
 
+MASK_FOLDERS = ("ground_truth_mask", "masks")  # ECSSD's own name, then the short one
+
+
 def fg_items(synthetic, size, anywhere, masks, limit):
     """(image [3, H, W], gt mask [H, W] bool) pairs and the dataset's name: `synthetic` val scenes when > 0, else
-    the first `limit` of masks/images/<stem>.* with masks/masks/<stem>.png (the ECSSD layout)."""
+    the first `limit` of masks/images/<stem>.* with masks/<mask folder>/<stem>.png, the mask folder being
+    ground_truth_mask/ (as ECSSD's two archives unpack) or masks/."""
     if synthetic:
         ds = synthetic_scenes(synthetic, size, anywhere)
         return [(sc["image"], sc["mask"]) for sc in (ds.scene(i) for i in range(len(ds)))], synthetic_name(anywhere)
-    img_dir, mask_dir = os.path.join(masks, "images"), os.path.join(masks, "masks")
-    if not os.path.isdir(img_dir) or not os.path.isdir(mask_dir):
-        raise FileNotFoundError(f"--masks {masks} needs images/ and masks/ subfolders (ECSSD layout)")
+    img_dir = os.path.join(masks, "images")
+    mask_dir = next((os.path.join(masks, d) for d in MASK_FOLDERS if os.path.isdir(os.path.join(masks, d))), None)
+    if not os.path.isdir(img_dir) or mask_dir is None:
+        raise FileNotFoundError(f"--masks {masks} needs images/ and a ground_truth_mask/ (or masks/) subfolder, "
+                                "as ECSSD's images.zip and ground_truth_mask.zip unpack")
     paths = data.list_images(img_dir)[:limit]
     if not paths:
         raise FileNotFoundError(f"no images found under {img_dir} (looked for {', '.join(data.IMG_EXTENSIONS)})")

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_probe import save_ckpt, small_config
 
 import data
 import finetune
 import probe
 import train
 from cli import cli_error
-from test_probe import save_ckpt, small_config
 
 
 def noise_folder(root, classes=2, per_class=30, size=16, seed=0):
@@ -190,3 +190,30 @@ def test_device_cuda_without_a_gpu_is_one_line(main, capsys):
     assert msg.startswith("--device cuda: ") and "use --device cpu" in msg
     assert cli_error(capsys, main, ["--device", "gpu0"]) == \
         "--device 'gpu0' is not a device torch knows; use cpu, cuda or cuda:N"
+
+
+def test_ecssd_is_read_as_its_archives_unpack(tmp_path):
+    import zeroshot_eval
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "ground_truth_mask").mkdir()  # ECSSD's ground_truth_mask.zip; the old reader wanted masks/
+    Image.new("RGB", (12, 8), (200, 10, 10)).save(tmp_path / "images" / "0001.jpg")
+    mask = np.zeros((8, 12), np.uint8)
+    mask[2:6, 3:9] = 255
+    Image.fromarray(mask).save(tmp_path / "ground_truth_mask" / "0001.png")
+    items, name = zeroshot_eval.fg_items(0, 0, False, str(tmp_path), None)
+    (img, gt), = items
+    assert img.shape == (3, 8, 12) and gt.sum().item() == 24 and name == tmp_path.name
+
+
+def test_a_classifier_checkpoint_where_a_gmae_is_needed_is_a_checkpoint_error(tmp_path):
+    from dataclasses import asdict
+
+    import engine
+
+    cfg = small_config()
+    engine.atomic_save({"model": {"encoder.cls_token": torch.zeros(1, 1, cfg.enc_dim), "head.weight": torch.zeros(2, 32)},
+                        "config": asdict(cfg), "kind": "finetune"}, str(tmp_path / "finetune_best.pt"))
+    with pytest.raises(engine.CheckpointError, match=r"finetune_best.pt's weights do not fit a GMAE of its config "
+                                                     r"\(a finetune.py classifier: it has no decoder\)"):
+        engine.load_checkpoint(str(tmp_path / "finetune_best.pt"))

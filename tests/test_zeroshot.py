@@ -266,7 +266,8 @@ def test_bad_flags_are_a_one_line_error(ckpt, tmp_path, capsys):
     assert cli_error(capsys, Z.main, ["eval-edges", "--pred", str(tmp_path)]).startswith("--pred and --gt go together")
     assert cli_error(capsys, Z.main, ["eval-depth", "--ckpt", ckpt]).startswith("eval-depth needs --synthetic N")
     message = cli_error(capsys, Z.main, ["eval-fg", "--masks", str(tmp_path), "--ckpt", ckpt, "--out", str(tmp_path)])
-    assert message == f"--masks {tmp_path} needs images/ and masks/ subfolders (ECSSD layout)"
+    assert message == (f"--masks {tmp_path} needs images/ and a ground_truth_mask/ (or masks/) subfolder, as ECSSD's "
+                       "images.zip and ground_truth_mask.zip unpack")
 
 
 def test_eval_without_a_dataset_names_the_flag_and_its_layout(tmp_path, capsys):
@@ -274,7 +275,7 @@ def test_eval_without_a_dataset_names_the_flag_and_its_layout(tmp_path, capsys):
     message = cli_error(capsys, Z.main, ["eval-edges", "--ckpt", none])
     assert message.startswith("eval-edges needs --bsds ROOT with ROOT/images/<split>/<id>.jpg and ROOT/groundTruth/")
     message = cli_error(capsys, Z.main, ["eval-fg", "--ckpt", none])
-    assert message.startswith("eval-fg needs --masks DIR with DIR/images/<stem>.jpg and DIR/masks/<stem>.png")
+    assert message.startswith("eval-fg needs --masks DIR with DIR/images/<stem>.jpg and DIR/ground_truth_mask/<stem>.png")
 
 
 def test_eval_fg_and_depth_on_synthetic_scenes(ckpt, tmp_path):
