@@ -53,6 +53,8 @@ def zeroshot(command, run="gmae", *flags):
     out = f"{RUNS}/zeroshot_{run}"
     stem = {"eval-depth": "depth", "eval-fg": "fg"}[command]
     where = "synthetic_anywhere" if "--anywhere" in flags else "synthetic"
+    if "--masks" in flags:  # a folder of photos: zeroshot_eval names the JSON after it
+        where = os.path.basename(os.path.normpath(flags[flags.index("--masks") + 1]))
     return {"kind": "zeroshot", "name": f"{command} {run}" + (" anywhere" if "--anywhere" in flags else ""),
             "argv": ["zeroshot.py", command, "--ckpt", f"{RUNS}/{run}/checkpoint.pt", *flags, "--out", out],
             "json": f"{out}/{stem}_{where}.json"}
@@ -106,15 +108,21 @@ QUICK = {
 }
 
 
-def long_tables(cifar):
-    """The tables of `study.py long`, on the CIFAR-10 image folder `cifar` (--cifar; CIFAR_LAYOUT)."""
+def long_tables(cifar, ecssd=None):
+    """The tables of `study.py long`, on the CIFAR-10 image folder `cifar` (--cifar; CIFAR_LAYOUT), with the
+    CIFAR-trained GMAE's figure-ground on ECSSD's photos when `ecssd` is given (--ecssd)."""
+    rows = [train("cifar_gmae", "--data", cifar, "--epochs", "10"),
+            train("cifar_mae", "--data", cifar, "--epochs", "10", "--decoder", "pixels"),
+            probe("cifar_gmae", data=cifar), probe("cifar_gmae", random_init=True, data=cifar),
+            probe("cifar_mae", data=cifar), probe("cifar_mae", random_init=True, data=cifar)]
+    if ecssd:
+        rows.append(zeroshot("eval-fg", "cifar_gmae", "--masks", ecssd))
     return {
-        "cifar": ("CIFAR-10 subset: probes after an equal pretraining budget",
-                  "20k train / 5k val photos at 32 px, 10 epochs each, laptop defaults otherwise.",
-                  [train("cifar_gmae", "--data", cifar, "--epochs", "10"),
-                   train("cifar_mae", "--data", cifar, "--epochs", "10", "--decoder", "pixels"),
-                   probe("cifar_gmae", data=cifar), probe("cifar_mae", data=cifar),
-                   probe("cifar_mae", random_init=True, data=cifar)]),
+        "cifar": ("CIFAR-10 subset: probes after an equal pretraining budget, and figure-ground on photos",
+                  "20k train / 5k val photos at 32 px, 10 epochs each, laptop defaults otherwise; probes on their "
+                  "frozen encoders (mean pool) against the same encoders untrained; with `--ecssd DIR`, the "
+                  "CIFAR-trained GMAE's figure-ground masks on ECSSD's photos beside their controls.",
+                  rows),
     }
 
 
@@ -309,7 +317,25 @@ def render_speed(t):
     return "\n\n".join(parts)
 
 
-RENDERERS = {"laptop": render_laptop, "zeroshot": render_zeroshot, "speed": render_speed}
+def render_cifar(t):
+    rows = {r["name"]: r for r in t["rows"]}
+    parts = [render_train_rows(t)]
+    probes = []
+    for run, label in (("cifar_gmae", "GMAE"), ("cifar_mae", "MAE")):
+        trained, untrained = rows[f"{run}_mean"]["result"], rows[f"{run}_mean_random"]["result"]
+        probes.append([label, f"`{rows[run + '_mean']['command']}`",
+                       f"{trained['linear']['top1']:.1f} / {untrained['linear']['top1']:.1f}",
+                       f"{trained['knn']['top1']:.1f} / {untrained['knn']['top1']:.1f}",
+                       f"{trained['num_train']} / {trained['num_val']}"])
+    parts.append(md_table(["probe", "command", "linear top-1, trained / untrained", "k-NN top-1, trained / untrained",
+                           "train / val images"], probes))
+    zeroshot_rows = [r for r in t["rows"] if r["name"].startswith("eval-")]
+    if zeroshot_rows:
+        parts.append(render_zeroshot({"rows": zeroshot_rows}))
+    return "\n\n".join(parts)
+
+
+RENDERERS = {"laptop": render_laptop, "zeroshot": render_zeroshot, "speed": render_speed, "cifar": render_cifar}
 PAGE_HEAD = """# Results
 
 Written by `python study.py render` from `results/*.json` alone; do not edit by hand. Each table names the command
@@ -354,6 +380,8 @@ def main(argv=None):
     p.add_argument("mode", choices=["quick", "long", "render"])
     p.add_argument("--only", nargs="+", default=None, choices=list(TABLES), help="these tables only")
     p.add_argument("--cifar", metavar="DIR", help=f"CIFAR-10 for `long`: {CIFAR_LAYOUT}")
+    p.add_argument("--ecssd", metavar="DIR", help="ECSSD for `long` (optional): DIR/images/ and DIR/ground_truth_mask/ "
+                   "(or masks/), as README \"Data\" says")
     args = p.parse_args(argv)
     if args.mode == "render":
         render()
@@ -362,8 +390,12 @@ def main(argv=None):
         p.error(f"long needs --cifar DIR, a CIFAR-10 image folder: {CIFAR_LAYOUT}")
     if args.mode == "long" and not all(os.path.isdir(os.path.join(args.cifar, s)) for s in ("train", "val")):
         p.error(f"--cifar {args.cifar} needs train/ and val/ class folders: {CIFAR_LAYOUT}")
-    tables = QUICK if args.mode == "quick" else long_tables(os.path.abspath(args.cifar))
-    invocation = "python study.py quick" if args.mode == "quick" else f"python study.py long --cifar {args.cifar}"
+    if args.ecssd and not os.path.isdir(os.path.join(args.ecssd, "images")):
+        p.error(f"--ecssd {args.ecssd} needs images/ and ground_truth_mask/ (or masks/) folders (README \"Data\")")
+    ecssd = os.path.abspath(args.ecssd) if args.ecssd else None
+    tables = QUICK if args.mode == "quick" else long_tables(os.path.abspath(args.cifar), ecssd)
+    invocation = "python study.py quick" if args.mode == "quick" else (
+        f"python study.py long --cifar {args.cifar}" + (f" --ecssd {args.ecssd}" if args.ecssd else ""))
     names = args.only or list(tables)
     other = [n for n in names if n not in tables]
     if other:

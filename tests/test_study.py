@@ -84,10 +84,32 @@ def test_long_with_a_failed_table_exits_nonzero_and_says_why(tmp_path, monkeypat
     monkeypatch.setattr(study, "RESULTS", str(tmp_path / "results"))
     monkeypatch.setattr(study, "render", lambda *a, **k: None)
     bad = study.train("bad", "--data", str(cifar), "--epochs", "0")  # train.py refuses --epochs 0, exit status 2
-    monkeypatch.setattr(study, "long_tables", lambda cifar: {"cifar": ("A failing table", "One bad run.", [bad])})
+    monkeypatch.setattr(study, "long_tables", lambda cifar, ecssd=None: {"cifar": ("A failing table", "One bad run.", [bad])})
     with pytest.raises(SystemExit) as stop:
         study.main(["long", "--cifar", str(cifar)])
     assert stop.value.code not in (0, None)
     assert str(stop.value.code).startswith("study.py long: 1 of 1 tables not written: cifar (`python train.py --data")
     assert "exited with 2" in str(stop.value.code)
     assert not (tmp_path / "results" / "cifar.json").exists()
+
+
+def test_the_cifar_table_shows_probes_against_untrained_and_figure_ground_with_controls():
+    rows = study.long_tables("DIR", "ECSSD")["cifar"][2]
+    assert [r["name"] for r in rows] == ["cifar_gmae", "cifar_mae", "cifar_gmae_mean", "cifar_gmae_mean_random",
+                                         "cifar_mae_mean", "cifar_mae_mean_random", "eval-fg cifar_gmae"]
+    assert rows[-1]["json"].endswith("zeroshot_cifar_gmae/fg_ECSSD.json")
+    train = lambda name, psnr: {"name": name, "command": f"python train.py {name}", "wall_s": 60,  # noqa: E731
+                                "config": {"num_gaussians": 64, "gaussians_per_token": 1},
+                                "result": {"psnr_masked": psnr, "psnr_full": psnr + 2, "img_per_s": 100.0}}
+    probe = lambda name, lin, knn: {"name": name, "command": f"python probe.py {name}", "wall_s": 10,  # noqa: E731
+                                    "result": {"linear": {"top1": lin}, "knn": {"top1": knn}, "num_train": 20000,
+                                               "num_val": 5000}}
+    fg = {"name": "eval-fg cifar_gmae", "command": "python zeroshot.py eval-fg", "wall_s": 5,
+          "result": {"learned": {"IoU": 0.31, "F": 0.42}, "permuted": {"IoU": 0.2, "F": 0.3}}}
+    page = study.render_cifar({"rows": [train("cifar_gmae", 17.0), train("cifar_mae", 18.0),
+                                        probe("cifar_gmae_mean", 30.25, 28.5), probe("cifar_gmae_mean_random", 20.0, 19.0),
+                                        probe("cifar_mae_mean", 35.0, 31.0), probe("cifar_mae_mean_random", 21.0, 18.0),
+                                        fg]})
+    assert "| GMAE | `python probe.py cifar_gmae_mean` | 30.2 / 20.0 | 28.5 / 19.0 | 20000 / 5000 |" in page
+    assert "| MAE | `python probe.py cifar_mae_mean` | 35.0 / 21.0 | 31.0 / 18.0 | 20000 / 5000 |" in page
+    assert "| learned | 0.310 | 0.420 |" in page and "| `python train.py cifar_mae` | 64 | 1 | 18.00 | 20.00 |" in page
