@@ -3,7 +3,7 @@ Data for GMAE: an embedded synthetic dataset, image folders, and the MAE transfo
 
 Every dataset returns (image, label) with image a float tensor [3, H, W] in [0, 1]. The model normalises
 pixels itself (model.normalize) because the encoder sees ImageNet-normalised pixels while the loss
-compares renders with [0, 1] pixels (../shared/DESIGN.md 1).
+compares renders with [0, 1] pixels (docs/design.md 1).
 
 1. SyntheticScenes: "dead leaves" scenes, no download. A background, then 1-4 small flat occluders, then one
    large upright foreground object (radius 0.3-0.36 of the image, near the centre, drawn last) whose
@@ -25,8 +25,9 @@ compares renders with [0, 1] pixels (../shared/DESIGN.md 1).
    white). A file that cannot be decoded (missing, corrupt, truncated) gives item None and one warning;
    make_loader's collate drops it, so a long run never stops on one bad file.
 3. Transforms on PIL images: RandomResizedCrop (torchvision's sampling), RandomHorizontalFlip, Resize,
-   CenterCrop, then to_tensor. They draw random numbers from torch's global RNG, which DataLoader seeds
-   per worker, exactly as torchvision does.
+   CenterCrop, then to_tensor. They draw random numbers from torch's global RNG; make_loader seeds it for
+   each item from (seed, epoch, index) (SeededItems), so an item's crop is the same in every worker, process
+   and resumed run.
 
 Shapes: B batch, H x W pixels.  dataset[i] -> (image [3, H, W] in [0, 1], label int).
 
@@ -42,7 +43,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SHAPES = ("disk", "square", "triangle", "plus", "ring")
@@ -594,6 +595,50 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - getattr(self, "start", 0)
 
 
+class EpochKeys(Sampler):
+    """(epoch, index) for every index a ResumableSampler yields: the key SeededItems seeds item `index` from.
+    The epoch travels with the key because worker processes hold their own copy of the dataset, which the
+    main process's set_epoch never reaches."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+def item_seed(seed, epoch, index):
+    """The 64-bit seed of item `index`'s random draws in `epoch`. numpy's SeedSequence hashes the three numbers,
+    so different (seed, epoch, index) get unrelated seeds (a sum such as seed + index would give --seed 1's
+    item 0 the crop of --seed 0's item 1)."""
+    return int(np.random.SeedSequence([seed % 2**64, epoch, index]).generate_state(1, np.uint64)[0])
+
+
+class SeededItems(Dataset):
+    """dataset[index] for the key (epoch, index), its transform drawing from torch's global RNG seeded with
+    item_seed(seed, epoch, index), and the caller's RNG state restored afterwards. An item's crop and flip then
+    depend on (seed, epoch, index) only: the same with 0 or 8 workers, in one process or as a DDP shard, and
+    after --resume. (DataLoader's per-worker seeding is not enough: a worker's stream depends on which items it
+    read before, and it is not saved in a checkpoint.)"""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only, restored on exit
+            # default_generator, not torch.manual_seed, which would also reseed the GPU's (the masks') generator
+            torch.default_generator.manual_seed(item_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+
 def collate_skip_broken(batch):
     """default_collate over the items that loaded: broken image files (None, see load_or_skip) are dropped,
     so a batch can come out smaller than the batch size; None when no item in it loaded."""
@@ -604,13 +649,14 @@ def collate_skip_broken(batch):
 def make_loader(dataset, batch_size, rank=0, world_size=1, seed=0, shuffle=True, workers=0, pin_memory=False):
     """(DataLoader, ResumableSampler) reading this process's shard of `dataset`, batch_size items per step
     per process, incomplete last batches dropped. Call sampler.set_epoch(epoch) before every epoch.
-    Single-process runs (world_size 1) use the same sampler, so their order depends on (seed, epoch) only.
-    The loader's own generator seeds the worker processes, so starting an epoch draws nothing from the global
-    RNG: the masks of an exactly resumed run (train.py --resume) do not shift by one draw."""
+    Single-process runs (world_size 1) use the same sampler, so their order depends on (seed, epoch) only, and
+    each item's augmentation on (seed, epoch, index) only (SeededItems), whatever the number of workers.
+    Augmentation leaves the caller's global RNG as it was, and the loader's own generator seeds the worker
+    processes, so the masks of an exactly resumed run (train.py --resume) do not shift by a draw."""
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
-                        persistent_workers=workers > 0, pin_memory=pin_memory, collate_fn=collate_skip_broken,
-                        generator=torch.Generator().manual_seed(seed + rank))
+    loader = DataLoader(SeededItems(dataset, seed), batch_size=batch_size, sampler=EpochKeys(sampler),
+                        drop_last=True, num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
+                        collate_fn=collate_skip_broken, generator=torch.Generator().manual_seed(seed + rank))
     return loader, sampler
 
 

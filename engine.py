@@ -7,6 +7,7 @@ util/misc.py, util/lr_sched.py and util/lr_decay.py).
     save_checkpoint / read_checkpoint / load_checkpoint     atomic writes, clear errors, the model rebuilt
     rng_states / set_rng_states                             every RNG a step draws from, for exact resume
     distributed / wrap_ddp / unwrap / all_reduce_sum        torchrun's process group (no-ops in one process)
+    any_process                                             all processes stop an epoch together
     param_groups / lr_at / set_lr                           AdamW groups, warmup + cosine per iteration
     load_encoder / encode / topk_accuracy                   frozen or fine-tuned encoder features
 
@@ -24,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from model import GMAE, Encoder, GMAEConfig, normalize
-
+from splat import BackendUnavailable, DenseRenderTooLarge
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints (written by train.py, read by every later stage)
@@ -78,7 +79,13 @@ def load_checkpoint(path, device="cpu"):
     ckpt = read_checkpoint(path, device)
     cfg = ckpt["config"]
     model = GMAE(cfg).to(device)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # missing or unexpected keys, or shapes that differ from the config's
+        kind = " (a finetune.py classifier: it has no decoder)" if ckpt.get("kind") == "finetune" else ""
+        first = str(e).strip().splitlines()[0][:160]
+        raise CheckpointError(f"{path}'s weights do not fit a GMAE of its config{kind}: {first}; pass a checkpoint "
+                              "written by train.py") from None
     return model, ckpt
 
 
@@ -111,6 +118,11 @@ def set_rng_states(states):
 # wraps its model in DistributedDataParallel (which averages gradients over the copies in backward) and
 # reads its own share of every batch (data.make_loader). Plain `python script.py` has no WORLD_SIZE: no
 # process group is made and every helper below is a no-op.
+
+
+# What a stage script's main turns into one parser.error line: bad data or flags, a missing or foreign checkpoint
+# (CheckpointError is a ValueError), a rasterizer that cannot build or a dense render too large for memory.
+USER_ERRORS = (ValueError, FileNotFoundError, BackendUnavailable, DenseRenderTooLarge)
 
 
 def default_device():
@@ -197,6 +209,15 @@ def all_reduce_sum(values, device):
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def any_process(flag, device):
+    """True when flag is true in this or any other process: one all-reduce, which every process must join; flag
+    itself in one process. train.py and finetune.py ask it before each forward whether some shard has run out
+    (whole batches of unreadable files), so that all processes take the step or all stop: one that stopped alone
+    would leave the others waiting in DDP's collectives (forward broadcasts buffers and, after the first step,
+    bucket layouts; backward averages gradients)."""
+    return all_reduce_sum([float(flag)], device)[0] > 0
 
 
 def gather_objects(obj):

@@ -9,7 +9,9 @@ classifier from scratch to see what pretraining is worth.
 
 Model: the checkpoint's encoder (GMAE and MAE checkpoints alike), whole image (mask 0), then
     logits = Linear(pool(encoder(image)))      pool: mean of the patch tokens (MAE fine-tuning) or cls token
-Recipe (MAE, He et al. 2022, Sec. A.3; GMAE paper Sec. 6; numbers in brackets are theirs for ViT-B):
+Recipe (MAE, He et al. 2022, Sec. A.3; numbers in brackets are MAE's for ViT-B). The GMAE paper's own recipe
+(its appendix, Table 6) differs: weight decay 0.01, cutmix 0.5, drop path 0.2, layer decay 0.8, linear lr decay,
+90 epochs (Sec. 4.2 says 100), "BasicAug"; docs/design.md 7 lists it.
     AdamW, betas (0.9, 0.999), weight decay 0.05 except biases, norms and tokens, lr = blr * batch / 256 [5e-4],
     per-step linear warmup then cosine (engine.lr_at)
     layer-wise lr decay (BEiT, Bao et al. 2021): parameters of layer l get lr * decay^(L + 1 - l), with
@@ -37,9 +39,24 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import VAL_FRACTION, check_readable, collate_skip_broken, labelled_splits, make_loader, split_note
+from engine import (
+    USER_ERRORS,
+    all_reduce_sum,
+    any_process,
+    atomic_save,
+    check_run_flags,
+    default_device,
+    distributed,
+    encode,
+    load_encoder,
+    lr_at,
+    read_checkpoint,
+    set_lr,
+    skips_weight_decay,
+    topk_accuracy,
+    wrap_ddp,
+)
 from model import Encoder, GMAEConfig
-from engine import (all_reduce_sum, atomic_save, check_run_flags, default_device, distributed, encode, load_encoder,
-                    lr_at, read_checkpoint, set_lr, skips_weight_decay, topk_accuracy, wrap_ddp)
 
 
 class Classifier(nn.Module):
@@ -159,12 +176,17 @@ def train_one_epoch(model, loader, optimizer, schedule, step, num_classes, mixup
                     clip_grad=0.0, device="cpu", desc="", show=True):
     """One pass over loader with mixed batches and soft cross-entropy; the lr follows engine.lr_at(step,
     *schedule) per iteration, scaled per group by its layer-decay lr_scale (engine.set_lr).
-    schedule: (total steps, warmup steps, peak lr, min lr). Returns (summed loss, images seen, next step)."""
+    schedule: (total steps, warmup steps, peak lr, min lr); step: the schedule position of the epoch's first step.
+    Whole batches of unreadable files are read past, so a shard can run out before len(loader) steps; under
+    torchrun every process then stops at the same step (engine.any_process). Returns (summed loss, images seen,
+    next step)."""
     model.train()
     loss_sum, seen = 0.0, 0
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not show):
-        if batch is None:  # every file of the batch was unreadable (data.collate_skip_broken)
-            continue
+    batches = iter(loader)
+    for _ in tqdm(range(len(loader)), desc=desc, leave=False, disable=not show):
+        batch = next(filter(None, batches), None)  # None batches: every file unreadable (data.collate_skip_broken)
+        if any_process(batch is None, device):  # before the forward: all processes take the step or none
+            break
         imgs, targets = mix_batch(*batch, num_classes, mixup, cutmix, smoothing)
         set_lr(optimizer, lr_at(step, *schedule))
         loss = soft_cross_entropy(model(imgs.to(device)), targets.to(device))
@@ -191,7 +213,7 @@ def finetune(encoder, cfg, train_set, val_set, out, pool="mean", epochs=10, warm
     model = Classifier(encoder, cfg.enc_dim, num_classes, pool).to(device)
     ddp_model = wrap_ddp(model, device)  # = model for one process
     if world_size > 1:
-        torch.manual_seed(seed + rank)  # own mixup, cutmix, drop path and crops per process
+        torch.manual_seed(seed + rank)  # own mixup, cutmix and drop path per process (crops: data.SeededItems)
     # Each process reads its shard of every epoch's permutation (data.make_loader); rank 0 evaluates and saves.
     train_loader, sampler = make_loader(train_set, batch_size, rank, world_size, seed=seed, workers=workers)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=workers,
@@ -204,13 +226,17 @@ def finetune(encoder, cfg, train_set, val_set, out, pool="mean", epochs=10, warm
         print(f"{name} ({cfg.decoder} pretraining, {cfg.enc_dim}x{cfg.enc_depth}), {len(train_set)} train / "
               f"{len(val_set)} val images, {num_classes} classes, lr {lr:.2e}, out {out}")
 
-    history, best, step = [], None, 0
+    history, best = [], None
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
-        loss_sum, seen, step = train_one_epoch(ddp_model, train_loader, optimizer, schedule, step, num_classes, mixup,
-                                               cutmix, smoothing, clip_grad, device, f"epoch {epoch + 1}/{epochs}",
-                                               show=rank == 0)
+        # Each epoch starts at its place in the schedule, also after one that ended early: the cosine reaches min_lr.
+        loss_sum, seen, _ = train_one_epoch(ddp_model, train_loader, optimizer, schedule, epoch * len(train_loader),
+                                            num_classes, mixup, cutmix, smoothing, clip_grad, device,
+                                            f"epoch {epoch + 1}/{epochs}", show=rank == 0)
         loss_sum, seen = all_reduce_sum([loss_sum, seen], device)  # over all processes
+        if seen == 0:  # on every process alike: a shard read no image before it ran out
+            raise ValueError(f"epoch {epoch + 1}: no training step could be taken, a process's shard of the training "
+                             "split held no readable image (warnings above name the files); check --data")
         if rank != 0:
             continue
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / seen, **evaluate(model, val_loader, device)}
@@ -300,7 +326,7 @@ def main(argv=None):
             train_set, val_set, _ = labelled_splits(args.data, cfg.img_size, args.n_synthetic, args.n_val, args.seed,
                                                     val_fraction=args.val_fraction)
             check_readable(val_set, "the validation split")  # found now, not after the first epoch's training
-        except (FileNotFoundError, ValueError) as e:  # engine.CheckpointError is a ValueError
+        except USER_ERRORS as e:
             parser.error(str(e))
         if rank == 0:
             print(split_note(args.data, args.val_fraction))
@@ -308,12 +334,16 @@ def main(argv=None):
             parser.error(f"the training split has {len(train_set)} images, fewer than --batch-size {args.batch_size} "
                          f"x {world_size} processes")
         out = args.out or default_out(args.ckpt, args.from_scratch)
-        trained = finetune(encoder, cfg, train_set, val_set, out, pool=args.pool, epochs=args.epochs,
-                           warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, blr=args.blr,
-                           min_lr=args.min_lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
-                           mixup=args.mixup, cutmix=args.cutmix, smoothing=args.smoothing, clip_grad=args.clip_grad,
-                           workers=args.workers, seed=args.seed, rank=rank, world_size=world_size, device=device,
-                           name="from scratch" if args.from_scratch else args.ckpt)
+        try:
+            trained = finetune(encoder, cfg, train_set, val_set, out, pool=args.pool, epochs=args.epochs,
+                               warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, blr=args.blr,
+                               min_lr=args.min_lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
+                               mixup=args.mixup, cutmix=args.cutmix, smoothing=args.smoothing,
+                               clip_grad=args.clip_grad, workers=args.workers, seed=args.seed, rank=rank,
+                               world_size=world_size, device=device,
+                               name="from scratch" if args.from_scratch else args.ckpt)
+        except USER_ERRORS as e:  # an epoch with no readable batch, an unreadable val split, ...
+            parser.error(str(e))
     if trained is None:
         return None  # not rank 0
     history, best = trained

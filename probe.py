@@ -37,10 +37,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import VAL_FRACTION, collate_skip_broken, labelled_splits, split_note
+from engine import (
+    USER_ERRORS,
+    check_run_flags,
+    default_device,
+    distributed,
+    encode,
+    gather_objects,
+    load_encoder,
+    lr_at,
+    set_lr,
+    topk_accuracy,
+)
 from model import Encoder
-from engine import (check_run_flags, default_device, distributed, encode, gather_objects, load_encoder, lr_at, set_lr,
-                    topk_accuracy)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Features
@@ -251,7 +260,7 @@ def main(argv=None):
             train_set, val_set, classes = labelled_splits(  # each image once, as the model sees it at test time
                 args.data, cfg.img_size, args.n_synthetic, args.n_val, args.seed, augment=False,
                 val_fraction=args.val_fraction)
-        except (FileNotFoundError, ValueError) as e:  # engine.CheckpointError is a ValueError
+        except USER_ERRORS as e:
             parser.error(str(e))
         if args.random_init:
             torch.manual_seed(args.seed)
@@ -266,7 +275,7 @@ def main(argv=None):
                            epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
                            blr=args.blr, optimizer=args.optimizer, weight_decay=args.weight_decay, seed=args.seed,
                            workers=args.workers, rank=rank, world_size=world_size, device=device)
-        except ValueError as e:  # a split of unreadable files
+        except USER_ERRORS as e:  # a split of unreadable files, a rasterizer that cannot build, ...
             parser.error(str(e))
     if scores is None:
         return None  # not rank 0

@@ -32,9 +32,15 @@ Scale and faults (issue 10; README "Many GPUs and machines"):
                                                 reads its shard (data.make_loader); logs, PNGs, checkpoints on rank 0
     global batch = --batch-size x --accum-iter x processes, and lr = blr x global batch / 256
     --amp [bf16|fp16]   mixed precision (autocast); the rasterizer always runs in float32 (splat.render)
-    --resume            model, optimizer, lr position, GradScaler, epoch, step in the epoch and every process's
-                        RNG states: a killed and resumed run reaches the parameters of an unbroken one
+    --resume            model, optimizer, lr position, GradScaler, epoch, step in the epoch, the items each
+                        process's shard had read and every process's RNG states: a killed and resumed run reaches
+                        the parameters of an unbroken one, with any --workers (an item's crop depends on
+                        (seed, epoch, index) only: data.SeededItems)
     SIGTERM             finish the step, write checkpoint.pt, exit with 143; --save-every N also covers SIGKILL
+    unreadable files    skipped and counted; when a shard runs out early (whole batches unreadable), every process
+                        ends the epoch at the same step (engine.any_process), the step left partial is dropped and
+                        the lr follows the run's position (epoch x steps per epoch + step), so it still ends at
+                        --min-lr
 """
 import argparse
 import contextlib
@@ -56,8 +62,25 @@ from tqdm import tqdm
 
 import splat
 from data import VAL_FRACTION, build_dataset, make_loader, split_note, to_uint8
-from engine import (CheckpointError, all_reduce_sum, check_run_flags, default_device, distributed, gather_objects, lr_at,
-                    param_groups, read_checkpoint, rng_states, save_checkpoint, set_lr, set_rng_states, unwrap, wrap_ddp)
+from engine import (
+    USER_ERRORS,
+    CheckpointError,
+    all_reduce_sum,
+    any_process,
+    check_run_flags,
+    default_device,
+    distributed,
+    gather_objects,
+    lr_at,
+    param_groups,
+    read_checkpoint,
+    rng_states,
+    save_checkpoint,
+    set_lr,
+    set_rng_states,
+    unwrap,
+    wrap_ddp,
+)
 from model import GMAE, MODEL_SIZES, GMAEConfig, patchify, reconstruction_metrics, unpatchify
 
 
@@ -189,16 +212,18 @@ def save_epoch_grid(path, model, imgs, backend, patch_size, seed=0):
 
 
 def next_images(batches, batch_size, device):
-    """(images of the next batch on device, number of files skipped as unreadable); images None when the
-    iterator is exhausted. collate_skip_broken drops broken files, so a batch can be short or missing."""
-    skipped = 0
+    """(images of the next batch on device, number of files skipped as unreadable, batches read); images None
+    when the iterator is exhausted. collate_skip_broken drops broken files, so a batch can be short or missing,
+    and a missing one is read past: one call can read several batches."""
+    skipped = read = 0
     for batch in batches:
+        read += 1
         if batch is None:  # every file of the batch was unreadable
             skipped += batch_size
             continue
         imgs = batch[0]
-        return imgs.to(device, non_blocking=True), skipped + batch_size - imgs.shape[0]
-    return None, skipped
+        return imgs.to(device, non_blocking=True), skipped + batch_size - imgs.shape[0], read
+    return None, skipped, read
 
 
 class Preemption:
@@ -231,11 +256,14 @@ class Preemption:
 @dataclass
 class Progress:
     """Where a run stands; with the weights, all a checkpoint needs to continue exactly: `step` optimizer steps so
-    far, `epoch_step` of them in `epoch`, and that epoch's sums so far [loss x images, images, skipped files], so
-    that a resumed epoch logs what an unbroken one would."""
+    far, `epoch_step` of them in `epoch` (an epoch that ended early counts as whole), `epoch_items` this
+    process's shard has read in the epoch (whole batches of broken files included, so more than epoch_step x
+    accum_iter x batch when some were read past), and the epoch's sums over its whole steps [loss x images,
+    images, skipped files], so that a resumed epoch logs what an unbroken one would."""
     epoch: int = 0
     step: int = 0
     epoch_step: int = 0
+    epoch_items: int = 0
     sums: list = field(default_factory=lambda: [0.0, 0, 0])
 
 
@@ -262,18 +290,31 @@ def resume_run(path, cfg, model, optimizer, scaler, steps_per_epoch, global_batc
         progress.sums = ckpt.get("epoch_sums", progress.sums)  # the whole run's sums so far: rank 0 carries them on
     exact = ckpt.get("global_batch") == global_batch and len(ckpt.get("rng", [])) == world_size
     if exact:
-        set_rng_states(ckpt["rng"][rank])  # masks and crops continue as if never stopped
+        set_rng_states(ckpt["rng"][rank])  # masks continue as if never stopped (crops follow (seed, epoch, index))
+    if progress.epoch_step:
+        progress.epoch_items = resume_offset(ckpt, progress.epoch_step, global_batch, rank, world_size, exact)
     return progress, (f"resumed from {path} at epoch {progress.epoch + 1}, step {progress.step} ({progress.epoch_step} "
                       "into the epoch)" + ("" if exact else "; another global batch or process count, so RNG streams restart"))
 
 
-def save_run(path, model, optimizer, scaler, cfg, progress, global_batch, device, main_process):
-    """All processes call this (the RNG states are gathered); rank 0 writes checkpoint.pt atomically."""
-    rngs, epoch_sums = gather_objects(rng_states()), all_reduce_sum(progress.sums, device)
+def resume_offset(ckpt, epoch_step, global_batch, rank, world_size, exact):
+    """Where this process's shard continues a stopped epoch: the items it had read (checkpoint's epoch_items),
+    which counts the whole batches of broken files read past. Checkpoints without it, or from another global
+    batch or process count, fall back to the items of epoch_step whole steps."""
+    items = ckpt.get("epoch_items")
+    return items[rank] if exact and items else epoch_step * global_batch // world_size
+
+
+def save_run(path, model, optimizer, scaler, cfg, progress, global_batch, device, main_process, data):
+    """All processes call this (RNG states and shard positions are gathered); rank 0 writes checkpoint.pt
+    atomically. `data` (--data) is kept so that later stages know what the model saw (zeroshot.py warns when a
+    model of the synthetic scenes reads photos)."""
+    rngs, items = zip(*gather_objects((rng_states(), progress.epoch_items)))
+    epoch_sums = all_reduce_sum(progress.sums, device)
     if main_process:
         save_checkpoint(path, model, optimizer, cfg, progress.epoch, progress.step, extra={
-            "epoch_images": progress.epoch_step * global_batch, "epoch_sums": epoch_sums,
-            "global_batch": global_batch, "scaler": scaler.state_dict(), "rng": rngs})
+            "epoch_images": progress.epoch_step * global_batch, "epoch_items": list(items), "epoch_sums": epoch_sums,
+            "global_batch": global_batch, "scaler": scaler.state_dict(), "rng": list(rngs), "data": data})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -283,13 +324,16 @@ def save_run(path, model, optimizer, scaler, cfg, progress, global_batch, device
 def train_step(ddp_model, batches, optimizer, scaler, progress, batch_size, accum_iter, amp_dtype, backend, clip_grad,
                device, world_size, preemption):
     """One optimizer step: accum_iter micro-batches (forward under autocast, scaled backward), gradient clipping,
-    AdamW. Adds to progress. Returns (loss, whether some process got SIGTERM), or None when this process's shard
-    ran out before the step was whole (collate_skip_broken drops unreadable files)."""
+    AdamW. Adds to progress; the step's loss and images only once the step is whole. Returns (loss, whether some
+    process got SIGTERM), or None when some process's shard ran out before the step was whole (whole batches of
+    unreadable files are read past): then every process drops the step, partial accumulation included."""
     model = unwrap(ddp_model)
+    loss_sum, seen = 0.0, 0
     for micro in range(accum_iter):
-        imgs, skipped = next_images(batches, batch_size, device)
+        imgs, skipped, read = next_images(batches, batch_size, device)
         progress.sums[2] += skipped
-        if imgs is None:
+        progress.epoch_items += read * batch_size
+        if any_process(imgs is None, device):  # before the forward: all take the micro-step or none
             optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation
             return None
         # DDP averages the gradients over processes in backward; only on the last micro-batch of a step.
@@ -304,8 +348,8 @@ def train_step(ddp_model, batches, optimizer, scaler, progress, batch_size, accu
                 raise TrainingDiverged(f"loss is {loss_value} at step {progress.step} (epoch {progress.epoch + 1}); "
                                        "stopping. The last good checkpoint is kept. Try a lower --blr or --clip-grad.")
             scaler.scale(loss / accum_iter).backward()
-        progress.sums[0] += loss_value * imgs.shape[0]
-        progress.sums[1] += imgs.shape[0]
+        loss_sum += loss_value * imgs.shape[0]
+        seen += imgs.shape[0]
     scaler.unscale_(optimizer)  # no-op unless --amp fp16
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad if clip_grad > 0 else math.inf)
     if not torch.isfinite(norm) and not scaler.is_enabled():  # fp16: the scaler skips such steps itself
@@ -316,6 +360,8 @@ def train_step(ddp_model, batches, optimizer, scaler, progress, batch_size, accu
     optimizer.zero_grad(set_to_none=True)
     progress.step += 1
     progress.epoch_step += 1
+    progress.sums[0] += loss_sum
+    progress.sums[1] += seen
     return loss_value, stop
 
 
@@ -392,7 +438,7 @@ def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, war
     model = GMAE(cfg).to(device)
     ddp_model = wrap_ddp(model, device)  # = model when single-process; DDP copies rank 0's weights to all
     if world_size > 1:
-        torch.manual_seed(seed + rank)  # different masks and crops on every process (MAE: seed + rank)
+        torch.manual_seed(seed + rank)  # different masks on every process (MAE: seed + rank); crops: data.SeededItems
     lr = lr if lr is not None else blr * global_batch / 256  # MAE: scaled by the global batch
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -403,7 +449,7 @@ def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, war
                                        world_size, device)
         log(message)
     save = functools.partial(save_run, ckpt_path, model, optimizer, scaler, cfg, progress, global_batch, device,
-                             main_process)
+                             main_process, data)
     total_steps, warmup_steps = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{cfg.decoder} decoder, {n_params / 1e6:.2f}M parameters, {len(train_set)} images, {steps_per_epoch} "
@@ -414,16 +460,19 @@ def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, war
     t_start = time.time()
     for epoch in range(progress.epoch, epochs):
         progress.epoch = epoch
-        sampler.set_epoch(progress.epoch, start=progress.epoch_step * accum_iter * batch_size)
+        sampler.set_epoch(progress.epoch, start=progress.epoch_items)
         batches, t0, seen_before = iter(loader), time.time(), progress.sums[1]
         ddp_model.train()
         bar = tqdm(total=steps_per_epoch, initial=progress.epoch_step, desc=f"epoch {progress.epoch + 1}/{epochs}",
                    leave=False, disable=not main_process)
         while progress.epoch_step < steps_per_epoch and (max_steps is None or progress.step < max_steps):
-            set_lr(optimizer, lr_at(progress.step, total_steps, warmup_steps, lr, min_lr))
+            # The run's position, not the steps taken: an epoch that ended early counts as whole, so the
+            # cosine still ends at --min-lr.
+            position = progress.epoch * steps_per_epoch + progress.epoch_step
+            set_lr(optimizer, lr_at(position, total_steps, warmup_steps, lr, min_lr))
             result = train_step(ddp_model, batches, optimizer, scaler, progress, batch_size, accum_iter, amp_dtype,
                                 backend, clip_grad, device, world_size, preemption)
-            if result is None:  # this process's shard ran out (whole batches of broken files): the epoch ends early
+            if result is None:  # a shard ran out (whole batches of broken files): the epoch ends early, everywhere
                 progress.epoch_step = steps_per_epoch
                 break
             bar.update(1)
@@ -439,7 +488,7 @@ def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, war
         save()
         if progress.epoch_step < steps_per_epoch:  # --max-steps
             break
-        progress.epoch_step, progress.sums[:] = 0, [0.0, 0, 0]
+        progress.epoch_step, progress.epoch_items, progress.sums[:] = 0, 0, [0.0, 0, 0]
     log(f"done: {ckpt_path}")
     return model
 
@@ -458,7 +507,7 @@ def main(argv=None):
                             workers=args.workers, device=device, seed=args.seed, out=args.out, resume=args.resume,
                             max_steps=args.max_steps, save_every=args.save_every, val_size=args.val_size,
                             val_fraction=args.val_fraction, rank=rank, world_size=world_size, preemption=preemption)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as e:  # CheckpointError is a ValueError
+    except (*USER_ERRORS, TrainingDiverged) as e:
         parser.error(str(e))
 
 

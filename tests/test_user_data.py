@@ -217,3 +217,31 @@ def test_a_classifier_checkpoint_where_a_gmae_is_needed_is_a_checkpoint_error(tm
     with pytest.raises(engine.CheckpointError, match=r"finetune_best.pt's weights do not fit a GMAE of its config "
                                                      r"\(a finetune.py classifier: it has no decoder\)"):
         engine.load_checkpoint(str(tmp_path / "finetune_best.pt"))
+
+
+def test_a_checkpoint_records_its_data_and_zeroshot_says_when_it_was_the_synthetic_scenes(tmp_path, capsys):
+    import engine
+    import zeroshot
+
+    small = ["--img-size", "16", "--patch", "4", "--gaussians", "16", "--n-synthetic", "16", "--batch-size", "8",
+             "--val-size", "4", "--epochs", "1", "--max-steps", "1", "--splat", "torch"]
+    train.main(small + ["--out", str(tmp_path / "run")])
+    ckpt = engine.read_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
+    assert ckpt["data"] == "synthetic"
+    Image.new("RGB", (24, 20), (30, 120, 200)).save(tmp_path / "photo.jpg")
+    capsys.readouterr()
+    zeroshot.main(["recon", str(tmp_path / "photo.jpg"), "--ckpt", str(tmp_path / "run" / "checkpoint.pt"),
+                   "--out", str(tmp_path / "z"), "--splat", "torch", "--device", "cpu"])
+    assert "was pretrained on the embedded synthetic scenes" in capsys.readouterr().err
+
+
+def test_a_rasterizer_that_cannot_build_stops_train_py_in_one_line(tmp_path, capsys, monkeypatch):
+    import splat
+
+    def unavailable(*args, **kwargs):
+        raise splat.BackendUnavailable("the cpu rasterizer could not be built: no compiler; use --splat torch")
+
+    monkeypatch.setattr(splat, "render", unavailable)
+    small = ["--img-size", "16", "--patch", "4", "--gaussians", "16", "--n-synthetic", "16", "--batch-size", "8",
+             "--val-size", "4", "--epochs", "1", "--max-steps", "1", "--out", str(tmp_path / "run")]
+    assert cli_error(capsys, train.main, small) == "the cpu rasterizer could not be built: no compiler; use --splat torch"
