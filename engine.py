@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from data import VAL_FRACTION
 from model import GMAE, Encoder, GMAEConfig, normalize
 from splat import BackendUnavailable, DenseRenderTooLarge
 
@@ -156,6 +157,39 @@ def check_run_flags(device, val_fraction):
     check_device(device)
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+
+
+def add_run_flags(p):
+    """--device and --val-fraction, the same in every stage script (checked by check_flags)."""
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                   help="share of a folder without train/ and val/ held out for validation (by a hash of each path)")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def add_labelled_data_flags(p):
+    """The flags probe.py and finetune.py share: the checkpoint, the labelled data, device, loaders and seed."""
+    p.add_argument("--ckpt", default="runs/gmae/checkpoint.pt", help="checkpoint written by train.py")
+    p.add_argument("--data", default="synthetic", help="'synthetic' (labelled scenes), a folder root/{train,val}/<class>/ "
+                   "or root/<class>/ (then --val-fraction of it is held out)")
+    p.add_argument("--n-synthetic", type=int, default=2048, help="synthetic training scenes (train.py's default set)")
+    p.add_argument("--n-val", type=int, default=512, help="synthetic validation scenes")
+    p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's (another size recomputes "
+                   "the fixed sin-cos position embedding)")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--seed", type=int, default=0, help="synthetic data seed and the initialisation of what is trained")
+    add_run_flags(p)
+
+
+def check_flags(p, args, at_least_one=()):
+    """parser.error in one line for a flag of at_least_one (dest names) below 1, or a bad --device or
+    --val-fraction (check_run_flags)."""
+    for name in at_least_one:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        check_run_flags(args.device, args.val_fraction)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def init_distributed(device):

@@ -38,14 +38,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import VAL_FRACTION, check_readable, collate_skip_broken, labelled_splits, make_loader, split_note
+from data import check_readable, collate_skip_broken, labelled_splits, make_loader, split_note
 from engine import (
     USER_ERRORS,
+    add_labelled_data_flags,
     all_reduce_sum,
     any_process,
     atomic_save,
-    check_run_flags,
-    default_device,
+    check_flags,
     distributed,
     encode,
     load_encoder,
@@ -256,16 +256,9 @@ def finetune(encoder, cfg, train_set, val_set, out, pool="mean", epochs=10, warm
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="runs/gmae/checkpoint.pt", help="checkpoint written by train.py")
+    add_labelled_data_flags(p)
     p.add_argument("--from-scratch", action="store_true", help="random init (the checkpoint's size if it exists, "
                    "else the tiny default): the same recipe without pretraining")
-    p.add_argument("--data", default="synthetic", help="'synthetic' (labelled scenes), a folder root/{train,val}/<class>/ "
-                   "or root/<class>/ (then --val-fraction of it is held out)")
-    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
-                   help="share of a folder without train/ and val/ held out for validation (by a hash of each path)")
-    p.add_argument("--n-synthetic", type=int, default=2048, help="synthetic training scenes")
-    p.add_argument("--n-val", type=int, default=512, help="synthetic validation scenes")
-    p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--pool", default="mean", choices=["mean", "cls"], help="MAE fine-tuning: mean")
     p.add_argument("--epochs", type=int, default=10, help="MAE ViT-B: 100")
     p.add_argument("--warmup-epochs", type=float, default=1, help="MAE: 5")
@@ -279,24 +272,15 @@ def get_args(argv=None):
     p.add_argument("--cutmix", type=float, default=1.0, help="cutmix Beta alpha, 0 = off (MAE: 1.0)")
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (MAE: 0.1)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm, 0 = off (MAE: off)")
-    p.add_argument("--workers", type=int, default=0, help="data loader processes")
-    p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: finetune[_scratch]/ beside the checkpoint)")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "n_synthetic", "n_val"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_flags(p, args, at_least_one=("epochs", "batch_size", "n_synthetic", "n_val"))
     if not 0 < args.layer_decay <= 1:
         p.error(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
     if not 0 <= args.drop_path < 1 or not 0 <= args.smoothing < 1:
         p.error(f"--drop-path and --smoothing must be in [0, 1), got {args.drop_path} and {args.smoothing}")
     if args.mixup < 0 or args.cutmix < 0:
         p.error(f"--mixup and --cutmix must be >= 0, got {args.mixup} and {args.cutmix}")
-    try:
-        check_run_flags(args.device, args.val_fraction)
-    except ValueError as e:
-        p.error(str(e))
     return p, args
 
 

@@ -36,11 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import VAL_FRACTION, collate_skip_broken, labelled_splits, split_note
+from data import collate_skip_broken, labelled_splits, split_note
 from engine import (
     USER_ERRORS,
-    check_run_flags,
-    default_device,
+    add_labelled_data_flags,
+    check_flags,
     distributed,
     encode,
     gather_objects,
@@ -204,15 +204,7 @@ def print_scores(scores):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="runs/gmae/checkpoint.pt", help="checkpoint written by train.py")
-    p.add_argument("--data", default="synthetic", help="'synthetic' (labelled scenes), a folder root/{train,val}/<class>/ "
-                   "or root/<class>/ (then --val-fraction of it is held out)")
-    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
-                   help="share of a folder without train/ and val/ held out for validation (by a hash of each path)")
-    p.add_argument("--n-synthetic", type=int, default=2048, help="synthetic training scenes (train.py's default set)")
-    p.add_argument("--n-val", type=int, default=512, help="synthetic validation scenes")
-    p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's (another size recomputes "
-                   "the fixed sin-cos position embedding)")
+    add_labelled_data_flags(p)
     p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="feature: cls token (MAE) or mean patch token")
     p.add_argument("--random-init", action="store_true", help="probe an untrained encoder of the checkpoint's size")
     p.add_argument("--knn", type=int, default=20, help="k of the k-NN classifier (DINO: 20); 0 = skip")
@@ -223,24 +215,15 @@ def get_args(argv=None):
     p.add_argument("--blr", type=float, default=0.1, help="base lr; lr = blr * batch / 256 (MAE: 0.1)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"], help="MAE: lars (at batch 16384)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="MAE: 0")
-    p.add_argument("--workers", type=int, default=0, help="data loader processes")
-    p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="synthetic data seed and probe initialisation")
     p.add_argument("--out", default=None, help="JSON result (default: probe_<data>.json beside the checkpoint)")
     args = p.parse_args(argv)
-    for name in ("n_synthetic", "n_val", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_flags(p, args, at_least_one=("n_synthetic", "n_val", "batch_size"))
     if args.knn < 0 or args.epochs < 0:
         p.error(f"--knn and --epochs must be >= 0, got {args.knn} and {args.epochs}")
     if args.knn == 0 and args.epochs == 0:
         p.error("--knn 0 and --epochs 0 leave nothing to evaluate")
     if args.temperature <= 0:
         p.error(f"--temperature must be > 0, got {args.temperature}")
-    try:
-        check_run_flags(args.device, args.val_fraction)
-    except ValueError as e:
-        p.error(str(e))
     return p, args
 
 

@@ -391,8 +391,9 @@ def main(argv=None):
         p.error(f"--cifar {args.cifar} needs train/ and val/ class folders: {CIFAR_LAYOUT}")
     if args.ecssd and not os.path.isdir(os.path.join(args.ecssd, "images")):
         p.error(f"--ecssd {args.ecssd} needs images/ and ground_truth_mask/ (or masks/) folders (README \"Data\")")
-    ecssd = os.path.abspath(args.ecssd) if args.ecssd else None
-    tables = QUICK if args.mode == "quick" else long_tables(os.path.abspath(args.cifar), ecssd)
+    # The rows run with this folder as their working directory: paths relative to it (as they appear in the page).
+    here = lambda path: os.path.relpath(os.path.abspath(path), HERE)  # noqa: E731
+    tables = QUICK if args.mode == "quick" else long_tables(here(args.cifar), here(args.ecssd) if args.ecssd else None)
     invocation = "python study.py quick" if args.mode == "quick" else (
         f"python study.py long --cifar {args.cifar}" + (f" --ecssd {args.ecssd}" if args.ecssd else ""))
     names = args.only or list(tables)

@@ -65,10 +65,10 @@ from data import VAL_FRACTION, build_dataset, make_loader, split_note, to_uint8
 from engine import (
     USER_ERRORS,
     CheckpointError,
+    add_run_flags,
     all_reduce_sum,
     any_process,
-    check_run_flags,
-    default_device,
+    check_flags,
     distributed,
     gather_objects,
     lr_at,
@@ -93,8 +93,6 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="synthetic", help="'synthetic' (embedded, default) or an image folder: "
                    "root/{train,val}/..., or any folder of images or class folders (then --val-fraction is held out)")
-    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
-                   help="share of a folder without train/ and val/ held out for validation (by a hash of each path)")
     p.add_argument("--n-synthetic", type=int, default=2048, help="number of synthetic training scenes")
     p.add_argument("--model", default="tiny", choices=MODEL_SIZES, help="encoder/decoder size (paper: base)")
     p.add_argument("--img-size", type=int, default=d.img_size, help="paper: 224")
@@ -125,7 +123,7 @@ def build_parser():
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 = off)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
-    p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_run_flags(p)  # --val-fraction, --device
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/gmae", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
@@ -149,10 +147,7 @@ def get_args(argv=None, parser=None):
                 f"{args.val_size}")
     if args.accum_iter < 1 or args.save_every < 0:
         p.error(f"--accum-iter must be >= 1 and --save-every >= 0, got {args.accum_iter} and {args.save_every}")
-    try:
-        check_run_flags(args.device, args.val_fraction)
-    except ValueError as e:
-        p.error(str(e))
+    check_flags(p, args)
     if args.amp == "fp16" and torch.device(args.device).type != "cuda":
         p.error(f"--amp fp16 needs a CUDA device (it relies on a GradScaler), got {args.device}; use --amp bf16")
     try:
