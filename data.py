@@ -274,10 +274,12 @@ def render_scene(rng, img_size, label, max_occluders=4, fg_anywhere=False):
 
 
 def boundary_map(layers):
-    """True where the layer id differs from the right or lower neighbour: one pixel wide, on one side."""
-    b = np.zeros(layers.shape, bool)
-    b[:, :-1] |= layers[:, :-1] != layers[:, 1:]
-    b[:-1, :] |= layers[:-1, :] != layers[1:, :]
+    """Integer map [..., H, W] (numpy array or torch tensor) -> bool map of the same kind, True where the id
+    differs from the right or lower neighbour: one pixel wide, on one side. The ground truth of the synthetic
+    scenes and zeroshot.py's edges of a layer map both use it."""
+    b = layers != layers  # all False, of the input's kind (integer ids are never NaN)
+    b[..., :, :-1] |= layers[..., :, :-1] != layers[..., :, 1:]
+    b[..., :-1, :] |= layers[..., :-1, :] != layers[..., 1:, :]
     return b
 
 

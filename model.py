@@ -505,8 +505,15 @@ class GMAE(nn.Module):
 # Evaluation of a pretrained model: reconstruction quality and the state of the learned depths
 
 
-def _psnr(sq_err_sum, count):
-    return 10 * math.log10(count / max(sq_err_sum, 1e-12))  # images in [0, 1]: peak 1
+def psnr_db(sq_err_sum, count):
+    """PSNR in dB of `count` values in [0, 1] (peak 1) whose squared errors sum to sq_err_sum: 10 log10(1 / MSE).
+    The project's one PSNR: reconstruction_metrics, study.py's oracle and psnr below all come here."""
+    return 10 * math.log10(count / max(sq_err_sum, 1e-12))
+
+
+def psnr(x, y):
+    """PSNR in dB of image x against y (same shape, values in [0, 1]), over all their values."""
+    return psnr_db(((x - y) ** 2).sum().item(), x.numel())
 
 
 @torch.no_grad()
@@ -517,7 +524,8 @@ def reconstruction_metrics(model, imgs, backend="auto", batch_size=64, seed=0):
     per image; psnr_full: the whole image at mask 0 (the zero-shot setting); loss: the training loss. PSNRs
     pool the squared error over all pixels (10 log10(1 / MSE)). For Gaussians at mask 0: z_mean, z_std (per
     image, averaged; 0 = one depth for all), z_saturated (share with |z| > 0.99, where tanh is flat) and
-    corr_scale_z (Pearson, mean scale vs z; the paper's Fig. 10 trend, larger nearer, is negative).
+    corr_scale_z (Pearson, mean scale vs z, over all images' Gaussians pooled: centred on the set's means, not
+    each image's; the paper's Fig. 10 trend, larger nearer, is negative).
     """
     was_training = model.training
     model.eval()
@@ -539,8 +547,8 @@ def reconstruction_metrics(model, imgs, backend="auto", batch_size=64, seed=0):
             zs.append(full["gaussians"][..., 2])  # [b, K]
             scales.append(full["gaussians"][..., 3:6].mean(-1))  # [b, K]
     model.train(was_training)
-    metrics = {"loss": sums["loss"] / imgs.shape[0], "psnr_masked": _psnr(sums["masked_err"], sums["masked_n"]),
-               "psnr_full": _psnr(sums["full_err"], sums["full_n"])}
+    metrics = {"loss": sums["loss"] / imgs.shape[0], "psnr_masked": psnr_db(sums["masked_err"], sums["masked_n"]),
+               "psnr_full": psnr_db(sums["full_err"], sums["full_n"])}
     if zs:
         z, s = torch.cat(zs), torch.cat(scales)  # [B, K]
         zc, sc = z - z.mean(), s - s.mean()

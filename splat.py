@@ -41,7 +41,6 @@ Try it:  python -c "import splat, torch; print(splat.render(torch.rand(1, 8, 14)
 """
 import functools
 import hashlib
-import math
 import os
 import platform
 import re
@@ -220,9 +219,8 @@ def _cpu_simd():
     The kernel's per-pixel row loops are written to vectorize (splat_cpu.cpp). -fno-trapping-math lets the
     compiler evaluate both sides of a select (no FP trap is ever enabled; no result changes). Where ATen
     reports an AVX2 CPU (x86-64 with AVX2 and FMA, as nearly every one since 2013), the build also targets
-    AVX2 + FMA: 8 lanes, about 1.8x faster than the SSE2 build at 512 Gaussians per 32 px image. That build gets its own
-    name, so a cache shared by machines of different kinds (a cluster's home directory) never hands one an
-    instruction it lacks. ATEN_CPU_CAPABILITY=default (read by torch at start-up) forces the generic build.
+    AVX2 + FMA: 8 lanes (timings: docs/experiments.md 7). That build gets its own name, so a cache shared by
+    machines of different kinds (a cluster's home directory) never hands one an instruction it lacks. ATEN_CPU_CAPABILITY=default (read by torch at start-up) forces the generic build.
     """
     flags = ["-fno-trapping-math"]
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")()
@@ -482,7 +480,4 @@ def random_gaussians(B, K, generator=None, dtype=torch.float32, scale_max=1.0):
     return torch.cat([xyz, scale, quat, r[..., 10:13], r[..., 13:14]], dim=-1)
 
 
-def psnr(x, y):
-    """Peak signal-to-noise ratio in dB for images in [0, 1]."""
-    mse = torch.mean((x - y) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+

@@ -29,7 +29,7 @@ import torch
 
 from data import build_dataset
 from engine import read_checkpoint
-from model import patchify, random_masking
+from model import patchify, psnr_db, random_masking
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -148,8 +148,7 @@ def mean_colour_oracle(n_val=256, img_size=32, patch_size=4, mask_ratio=0.75, se
         masked_err += (err * mask).sum().item()
         masked_n += mask.sum().item() * x.shape[-1]
         full_err += err.sum().item()
-    psnr = lambda e, n: 10 * torch.log10(torch.tensor(n / e)).item()  # noqa: E731
-    return {"psnr_masked": psnr(masked_err, masked_n), "psnr_full": psnr(full_err, imgs.numel())}
+    return {"psnr_masked": psnr_db(masked_err, masked_n), "psnr_full": psnr_db(full_err, imgs.numel())}
 
 
 def run_row(row, done):
@@ -340,7 +339,8 @@ PAGE_HEAD = """# Results
 Written by `python study.py render` from `results/*.json` alone; do not edit by hand. Each table names the command
 that measures it (`python study.py quick --only NAME`), its wall time (the sum of its rows' runs, each run alone on
 the machine named) and the commands of its rows. Laptop tables: tiny ViT (192 x 6, decoder 128 x 2), 32 px
-synthetic scenes, 256 validation scenes with seeded masks, PSNR pooled over pixels.
+synthetic scenes, 256 validation scenes with seeded masks, PSNR pooled over the set's pixels (not the mean of
+per-image PSNRs, which is larger), corr(scale, z) pooled over all images' Gaussians (centred on the set's means).
 """
 
 

@@ -63,7 +63,7 @@ import data
 import engine
 import splat
 import zeroshot_eval
-from model import GMAE, check_mask_ratio
+from model import GMAE, check_mask_ratio, psnr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join("runs", "gmae", "checkpoint.pt")  # train.py's default --out
@@ -168,14 +168,6 @@ def layer_map(renders, threshold):
     return (n * (change > threshold)).amax(dim=1)
 
 
-def id_edges(ids):
-    """[..., H, W] integer map -> bool map, True where the id differs from the right or lower neighbour."""
-    e = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
-    e[..., :, :-1] |= ids[..., :, :-1] != ids[..., :, 1:]
-    e[..., :-1, :] |= ids[..., :-1, :] != ids[..., 1:, :]
-    return e
-
-
 def soft_edges(g, H, W, layers=EDGE_LAYERS, thresholds=EDGE_THRESHOLDS, backend="auto"):
     """Gaussians [B, K, 14] -> soft edge map [B, H, W] in [0, 1]: the mean over (L, threshold) of layer-map edges."""
     K = g.shape[1]
@@ -184,7 +176,7 @@ def soft_edges(g, H, W, layers=EDGE_LAYERS, thresholds=EDGE_THRESHOLDS, backend=
     for L in layers:
         R = cumulative_renders(g, H, W, L, backend)
         for th in thresholds:
-            acc += id_edges(layer_map(R, th)).float().cpu()
+            acc += data.boundary_map(layer_map(R, th)).float().cpu()
     return acc / (len(layers) * len(thresholds))
 
 
@@ -508,7 +500,7 @@ def run_recon(net, img, path, dest, mask_ratio, seed, backend, max_size):
     recon = splat.render(g, *working_size(H, W, max_size), backend=backend)[0]  # the same Gaussians, sharper
     recon = resize_map(recon, H, W, "bilinear")
     Image.fromarray(np.concatenate([data.to_uint8(img), data.to_uint8(recon)], axis=1)).save(dest + "_recon.png")
-    print(f"{path}: PSNR {splat.psnr(recon_s.clamp(0, 1), x):.2f} dB at the model's {S} x {S} (mask {mask_ratio})")
+    print(f"{path}: PSNR {psnr(recon_s.clamp(0, 1), x):.2f} dB at the model's {S} x {S} (mask {mask_ratio})")
 
 
 def run_layers(net, img, dest, depth, layers, threshold, seed, backend):

@@ -170,7 +170,7 @@ def fit_gaussians(img, k=64, steps=300, scale_max=2.0, seed=0):
         loss.backward()
         opt.step()
     g = model.gaussian_activation(raw.detach(), scale_max)
-    psnr = splat.psnr(splat.render(g, H, W, backend=BACKEND), img[None])
+    psnr = model.psnr(splat.render(g, H, W, backend=BACKEND), img[None])
     print(f"fit {k} Gaussians to scene {SCENE}: PSNR {psnr:.1f} dB")
     return g
 
