@@ -24,6 +24,14 @@
 
 namespace splat {
 
+// The kernels' view of the Gaussians' tensors (splat_kernel.h's Inputs), after check_inputs.
+template <typename scalar_t>
+Inputs<scalar_t> inputs(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
+                        const at::Tensor& opacity) {
+  return {means2d.data_ptr<scalar_t>(), conic.data_ptr<scalar_t>(), rgb.data_ptr<scalar_t>(),
+          opacity.data_ptr<scalar_t>()};
+}
+
 // The Gaussians: one dtype, one device of the backend's type, contiguous, [B, K, .] with K < 2^31.
 inline void check_inputs(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
                          const at::Tensor& opacity, c10::DeviceType device_type, const char* backend) {

@@ -43,28 +43,10 @@
 namespace {
 
 using splat::Gaussian2D;
+using splat::Grid;
+using splat::inputs;
+using splat::Inputs;
 using splat::TILE;
-
-struct Grid {  // the tiling of one H x W image
-  int H, W, tiles_x, tiles_y;
-  Grid(int H, int W) : H(H), W(W), tiles_x((W + TILE - 1) / TILE), tiles_y((H + TILE - 1) / TILE) {}
-  int n_tiles() const { return tiles_x * tiles_y; }
-};
-
-template <typename scalar_t>
-struct Inputs {  // raw pointers into the contiguous [B, K, .] tensors
-  const scalar_t *means2d, *conic, *rgb, *opacity;
-  Gaussian2D<scalar_t> gaussian(long long i) const {
-    return splat::load_gaussian(means2d, conic, rgb, opacity, i);
-  }
-};
-
-template <typename scalar_t>
-Inputs<scalar_t> inputs(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
-                        const at::Tensor& opacity) {
-  return {means2d.data_ptr<scalar_t>(), conic.data_ptr<scalar_t>(), rgb.data_ptr<scalar_t>(),
-          opacity.data_ptr<scalar_t>()};
-}
 
 // Stage 1: per-tile lists of Gaussian indices, each in depth order (order [B, K] = depth argsort).
 template <typename scalar_t>
@@ -310,7 +292,7 @@ std::vector<at::Tensor> forward(const at::Tensor& means2d, const at::Tensor& con
   splat::check_order(order, means2d, opacity);
   TORCH_CHECK(H > 0 && W > 0, "image size must be positive, got ", H, " x ", W);
   const int B = int(means2d.size(0)), K = int(means2d.size(1));
-  const Grid grid{int(H), int(W)};
+  const Grid grid = splat::make_grid(int(H), int(W));
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "splat_cpu_forward", [&] {
     const auto in = inputs<scalar_t>(means2d, conic, rgb, opacity);
@@ -333,7 +315,7 @@ at::Tensor backward(const at::Tensor& means2d, const at::Tensor& conic, const at
               "splat backward: tile_offsets must run from 0 to tile_ids.numel() = ", tile_ids.numel(), ", got ",
               offsets[0], " to ", offsets[tile_offsets.size(0) - 1]);
   const int B = int(means2d.size(0)), K = int(means2d.size(1));
-  const Grid grid{int(final_T.size(1)), int(final_T.size(2))};
+  const Grid grid = splat::make_grid(int(final_T.size(1)), int(final_T.size(2)));
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "splat_cpu_backward", [&] {
     out = rasterize_backward(inputs<scalar_t>(means2d, conic, rgb, opacity), tile_offsets, tile_ids, final_T,

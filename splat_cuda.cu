@@ -40,22 +40,12 @@
 namespace {
 
 using splat::Gaussian2D;
+using splat::Grid;
+using splat::inputs;
+using splat::Inputs;
 using splat::TILE;
 constexpr int BLOCK = TILE * TILE;  // threads per block = pixels per tile = Gaussians per staged batch
 constexpr int THREADS_1D = 256;     // for the per-Gaussian binning kernels
-
-struct Grid {  // the tiling of one H x W image
-  int H, W, tiles_x, tiles_y;
-  __host__ __device__ int n_tiles() const { return tiles_x * tiles_y; }
-};
-
-template <typename scalar_t>
-struct Inputs {  // raw device pointers into the contiguous [B, K, .] tensors
-  const scalar_t *means2d, *conic, *rgb, *opacity;
-  __device__ Gaussian2D<scalar_t> gaussian(long long i) const {
-    return splat::load_gaussian(means2d, conic, rgb, opacity, i);
-  }
-};
 
 int blocks_for(int64_t n) { return int((n + THREADS_1D - 1) / THREADS_1D); }
 
@@ -235,13 +225,6 @@ __global__ void __launch_bounds__(BLOCK)
 
 // ----- Python entry points -----------------------------------------------------------------------------------
 
-template <typename scalar_t>
-Inputs<scalar_t> inputs(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
-                        const at::Tensor& opacity) {
-  return {means2d.data_ptr<scalar_t>(), conic.data_ptr<scalar_t>(), rgb.data_ptr<scalar_t>(),
-          opacity.data_ptr<scalar_t>()};
-}
-
 // Same signature and outputs as splat_cpu.cpp's forward.
 std::vector<at::Tensor> forward(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
                                 const at::Tensor& opacity, const at::Tensor& order, int64_t H, int64_t W,
@@ -252,7 +235,7 @@ std::vector<at::Tensor> forward(const at::Tensor& means2d, const at::Tensor& con
   const c10::cuda::CUDAGuard guard(means2d.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int B = int(means2d.size(0)), K = int(means2d.size(1));
-  const Grid grid{int(H), int(W), int((W + TILE - 1) / TILE), int((H + TILE - 1) / TILE)};
+  const Grid grid = splat::make_grid(int(H), int(W));
   const auto options = means2d.options();
   at::Tensor image = at::empty({B, 3, H, W}, options);
   at::Tensor final_T = at::empty({B, H, W}, options);
@@ -282,7 +265,7 @@ at::Tensor backward(const at::Tensor& means2d, const at::Tensor& conic, const at
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int B = int(means2d.size(0)), K = int(means2d.size(1));
   const int H = int(final_T.size(1)), W = int(final_T.size(2));
-  const Grid grid{H, W, (W + TILE - 1) / TILE, (H + TILE - 1) / TILE};
+  const Grid grid = splat::make_grid(H, W);
   at::Tensor grads = at::zeros({B, K, splat::GRAD_DIM}, means2d.options());
   AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "splat_cuda_backward", [&] {
     if (int64_t(B) * grid.n_tiles() == 0) return;

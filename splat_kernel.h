@@ -72,6 +72,24 @@ SPLAT_HD Gaussian2D<scalar_t> load_gaussian(const scalar_t* means2d, const scala
   return g;
 }
 
+// The Gaussians as both kernels read them: raw pointers into the contiguous [B, K, .] tensors (host memory for
+// the cpu kernel, device memory for the cuda one; splat_checks.h's inputs() fills them from the tensors).
+template <typename scalar_t>
+struct Inputs {
+  const scalar_t *means2d, *conic, *rgb, *opacity;
+  SPLAT_HD Gaussian2D<scalar_t> gaussian(long long i) const {
+    return load_gaussian(means2d, conic, rgb, opacity, i);
+  }
+};
+
+// The tiling of one H x W image into TILE x TILE tiles, the last row and column possibly partial.
+struct Grid {
+  int H, W, tiles_x, tiles_y;
+  SPLAT_HD int n_tiles() const { return tiles_x * tiles_y; }
+};
+
+inline Grid make_grid(int H, int W) { return {H, W, (W + TILE - 1) / TILE, (H + TILE - 1) / TILE}; }
+
 template <typename scalar_t>
 SPLAT_HD Gaussian2D<scalar_t> zero_gaussian() {
   Gaussian2D<scalar_t> g;
