@@ -65,7 +65,6 @@ import splat
 import zeroshot_eval
 from model import GMAE, check_mask_ratio, psnr
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join("runs", "gmae", "checkpoint.pt")  # train.py's default --out
 EDGE_LAYERS = (2, 4, 8)  # the soft edge map averages over these L ...
 EDGE_THRESHOLDS = (0.05, 0.1, 0.2)  # ... and these change thresholds
