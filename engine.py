@@ -76,16 +76,19 @@ def read_checkpoint(path, device="cpu"):
 
 
 def load_checkpoint(path, device="cpu"):
-    """Load a checkpoint and rebuild its model. Returns (model, checkpoint dict)."""
+    """Load a train.py checkpoint and rebuild its whole model (encoder and decoder; zeroshot.py reads it).
+    Returns (model, checkpoint dict). CheckpointError for a finetune.py classifier (no decoder) or weights that do
+    not fit the checkpoint's config."""
     ckpt = read_checkpoint(path, device)
-    cfg = ckpt["config"]
-    model = GMAE(cfg).to(device)
+    if ckpt.get("kind") == "finetune" or not any(k.startswith("decoder.") for k in ckpt["model"]):
+        raise CheckpointError(f"{path} holds no decoder (a finetune.py classifier keeps the encoder and a class head); "
+                              "zero-shot readings need GMAE's Gaussians: pass a checkpoint written by train.py")
+    model = GMAE(ckpt["config"]).to(device)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:  # missing or unexpected keys, or shapes that differ from the config's
-        kind = " (a finetune.py classifier: it has no decoder)" if ckpt.get("kind") == "finetune" else ""
-        first = str(e).strip().splitlines()[0][:160]
-        raise CheckpointError(f"{path}'s weights do not fit a GMAE of its config{kind}: {first}; pass a checkpoint "
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path}'s weights do not fit a GMAE of its config: {first}; pass a checkpoint "
                               "written by train.py") from None
     return model, ckpt
 

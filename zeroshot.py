@@ -63,7 +63,7 @@ import data
 import engine
 import splat
 import zeroshot_eval
-from model import GMAE, check_mask_ratio, psnr
+from model import check_mask_ratio, psnr
 
 DEFAULT_CKPT = os.path.join("runs", "gmae", "checkpoint.pt")  # train.py's default --out
 EDGE_LAYERS = (2, 4, 8)  # the soft edge map averages over these L ...
@@ -461,21 +461,9 @@ def load_gmae(path, device="cpu"):
     Raises FileNotFoundError; engine.CheckpointError (a ValueError) for a file that cannot be used, one whose
     weights do not fit its config, or a finetune.py classifier (no decoder); ValueError for a pixel-decoder (MAE)
     checkpoint: neither predicts Gaussians to read."""
-    ckpt = engine.read_checkpoint(path, device)
-    cfg = ckpt["config"]
-    if ckpt.get("kind") == "finetune" or not any(k.startswith("decoder.") for k in ckpt["model"]):
-        raise engine.CheckpointError(f"{path} holds no decoder (a finetune.py classifier keeps the encoder and a "
-                                     "class head); zero-shot readings need GMAE's Gaussians: pass a checkpoint "
-                                     "written by train.py")
-    if cfg.decoder != "gaussians":
+    net, ckpt = engine.load_checkpoint(path, device)
+    if net.cfg.decoder != "gaussians":
         raise ValueError(f"{path} is a pixel-decoder (MAE) checkpoint; zero-shot readings need GMAE's Gaussians")
-    net = GMAE(cfg).to(device)
-    try:
-        net.load_state_dict(ckpt["model"])
-    except RuntimeError as e:  # strict loading: missing, unexpected or misshapen weights
-        reason = (str(e).strip().splitlines() or [""])[0][:160]
-        message = f"{path}: its weights do not fit the model its config describes ({reason})"
-        raise engine.CheckpointError(message) from None
     return net.eval(), ckpt
 
 
