@@ -154,14 +154,6 @@ def check_device(device):
     return dev
 
 
-def check_run_flags(device, val_fraction):
-    """The flags every stage script shares, checked before any work: ValueError in one line for a --device torch
-    cannot use here (check_device) or a --val-fraction outside (0, 1)."""
-    check_device(device)
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-
-
 def add_run_flags(p):
     """--device and --val-fraction, the same in every stage script (checked by check_flags)."""
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
@@ -184,13 +176,15 @@ def add_labelled_data_flags(p):
 
 
 def check_flags(p, args, at_least_one=()):
-    """parser.error in one line for a flag of at_least_one (dest names) below 1, or a bad --device or
-    --val-fraction (check_run_flags)."""
+    """parser.error in one line, before any work, for a flag of at_least_one (dest names) below 1, a --device torch
+    cannot use here (check_device) or a --val-fraction outside (0, 1)."""
     for name in at_least_one:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.val_fraction < 1:
+        p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     try:
-        check_run_flags(args.device, args.val_fraction)
+        check_device(args.device)
     except ValueError as e:
         p.error(str(e))
 

@@ -178,8 +178,7 @@ def train_one_epoch(model, loader, optimizer, schedule, step, num_classes, mixup
     *schedule) per iteration, scaled per group by its layer-decay lr_scale (engine.set_lr).
     schedule: (total steps, warmup steps, peak lr, min lr); step: the schedule position of the epoch's first step.
     Whole batches of unreadable files are read past, so a shard can run out before len(loader) steps; under
-    torchrun every process then stops at the same step (engine.any_process). Returns (summed loss, images seen,
-    next step)."""
+    torchrun every process then stops at the same step (engine.any_process). Returns (summed loss, images seen)."""
     model.train()
     loss_sum, seen = 0.0, 0
     batches = iter(loader)
@@ -198,7 +197,7 @@ def train_one_epoch(model, loader, optimizer, schedule, step, num_classes, mixup
         step += 1
         loss_sum += loss.item() * imgs.shape[0]
         seen += imgs.shape[0]
-    return loss_sum, seen, step
+    return loss_sum, seen
 
 
 def finetune(encoder, cfg, train_set, val_set, out, pool="mean", epochs=10, warmup_epochs=1, batch_size=64,
@@ -230,9 +229,9 @@ def finetune(encoder, cfg, train_set, val_set, out, pool="mean", epochs=10, warm
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         # Each epoch starts at its place in the schedule, also after one that ended early: the cosine reaches min_lr.
-        loss_sum, seen, _ = train_one_epoch(ddp_model, train_loader, optimizer, schedule, epoch * len(train_loader),
-                                            num_classes, mixup, cutmix, smoothing, clip_grad, device,
-                                            f"epoch {epoch + 1}/{epochs}", show=rank == 0)
+        loss_sum, seen = train_one_epoch(ddp_model, train_loader, optimizer, schedule, epoch * len(train_loader),
+                                         num_classes, mixup, cutmix, smoothing, clip_grad, device,
+                                         f"epoch {epoch + 1}/{epochs}", show=rank == 0)
         loss_sum, seen = all_reduce_sum([loss_sum, seen], device)  # over all processes
         if seen == 0:  # on every process alike: a shard read no image before it ran out
             raise ValueError(f"epoch {epoch + 1}: no training step could be taken, a process's shard of the training "
