@@ -445,20 +445,38 @@ class PixelDecoder(nn.Module):
 # Loss and the whole model
 
 
+def patch_stats(imgs, patch_size):
+    """Each patch's pixel mean and std, [B, N, 1] each: the statistics --norm-pix normalises a target patch by
+    (MAE's: the variance of the patch's p p 3 values, plus 1e-6 under the square root)."""
+    target = patchify(imgs, patch_size)  # [B, N, P]
+    return target.mean(dim=-1, keepdim=True), (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+
+
 def reconstruction_loss(pred, imgs, mask, patch_size, loss_on="masked", norm_pix=False):
     """MSE between the reconstruction and the image, both [B, 3, H, W] with pixels in [0, 1].
 
     loss_on="masked" averages over the pixels of masked patches only (mask [B, N], 1 = masked);
-    "all" over every pixel. norm_pix normalises each target patch by its own mean and std (MAE).
+    "all" over every pixel. norm_pix normalises each target patch by its own mean and std (MAE), so pred is then
+    read as normalised patches (to_pixels maps it back).
     """
     target = patchify(imgs, patch_size)  # [B, N, P]
     if norm_pix:
-        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6) ** 0.5
+        mean, std = patch_stats(imgs, patch_size)
+        target = (target - mean) / std
     per_patch = ((patchify(pred, patch_size) - target) ** 2).mean(dim=-1)  # [B, N]
     if loss_on == "all" or mask.sum() == 0:  # with nothing masked (mask ratio 0), score every pixel
         return per_patch.mean()
     return (per_patch * mask).sum() / mask.sum()
+
+
+def to_pixels(pred, imgs, patch_size, norm_pix):
+    """The reconstruction in pixel space, [B, 3, H, W]: pred itself, or under norm_pix pred's patches scaled
+    back by the image's own patch statistics, as MAE shows its norm-pix predictions. That borrows each masked
+    patch's true mean and contrast from the image, so a norm-pix PSNR is not comparable with a plain one."""
+    if not norm_pix:
+        return pred
+    mean, std = patch_stats(imgs, patch_size)
+    return unpatchify(patchify(pred, patch_size) * std + mean, patch_size, *imgs.shape[-2:])
 
 
 class GMAE(nn.Module):
@@ -485,7 +503,9 @@ class GMAE(nn.Module):
         return gaussian_activation(raw, self.cfg.scale_max, self.cfg.center_depth), mask
 
     def forward(self, imgs, mask_ratio=None, backend="auto", generator=None):
-        """imgs [B, 3, H, W] in [0, 1] -> dict(loss, pred [B, 3, H, W], mask [B, N], gaussians [B, K, 14] | None)."""
+        """imgs [B, 3, H, W] in [0, 1] -> dict(loss, pred [B, 3, H, W]: what the loss compares (the render, or
+        MAE's patches), recon [B, 3, H, W]: pred in pixel space (to_pixels), mask [B, N], gaussians [B, K, 14] |
+        None)."""
         cfg = self.cfg
         mask_ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
         H, W = imgs.shape[-2:]
@@ -498,7 +518,8 @@ class GMAE(nn.Module):
             gaussians = None
             pred = unpatchify(self.decoder(latents, ids_restore).float(), cfg.patch_size, H, W)  # loss in fp32
         loss = reconstruction_loss(pred, imgs, mask, cfg.patch_size, cfg.loss_on, cfg.norm_pix)
-        return {"loss": loss, "pred": pred, "mask": mask, "gaussians": gaussians}
+        recon = to_pixels(pred, imgs, cfg.patch_size, cfg.norm_pix)
+        return {"loss": loss, "pred": pred, "recon": recon, "mask": mask, "gaussians": gaussians}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -506,8 +527,11 @@ class GMAE(nn.Module):
 
 
 def psnr_db(sq_err_sum, count):
-    """PSNR in dB of `count` values in [0, 1] (peak 1) whose squared errors sum to sq_err_sum: 10 log10(1 / MSE).
-    The project's one PSNR: reconstruction_metrics, study.py's oracle and psnr below all come here."""
+    """PSNR in dB of `count` values in [0, 1] (peak 1) whose squared errors sum to sq_err_sum: 10 log10(1 / MSE);
+    floats, or tensors elementwise (one PSNR per image). The project's one PSNR: reconstruction_metrics, study.py's
+    oracle and psnr below all come here."""
+    if torch.is_tensor(sq_err_sum):
+        return 10 * torch.log10(count / sq_err_sum.clamp_min(1e-12))
     return 10 * math.log10(count / max(sq_err_sum, 1e-12))
 
 
@@ -520,38 +544,38 @@ def psnr(x, y):
 def reconstruction_metrics(model, imgs, backend="auto", batch_size=64, seed=0):
     """Reconstruction and depth statistics of `model` on images [B, 3, H, W] in [0, 1] (no gradient).
 
-    psnr_masked: over the masked patches' pixels at the model's mask ratio (the paper's PSNR), a seeded mask
-    per image; psnr_full: the whole image at mask 0 (the zero-shot setting); loss: the training loss. PSNRs
-    pool the squared error over all pixels (10 log10(1 / MSE)). For Gaussians at mask 0: z_mean, z_std (per
-    image, averaged; 0 = one depth for all), z_saturated (share with |z| > 0.99, where tanh is flat) and
-    corr_scale_z (Pearson, mean scale vs z, over all images' Gaussians pooled: centred on the set's means, not
-    each image's; the paper's Fig. 10 trend, larger nearer, is negative).
+    psnr_masked: over each image's masked patches' pixels at the model's mask ratio (the paper's PSNR), a seeded
+    mask per image; psnr_full: the whole image at mask 0 (the zero-shot setting). Each is the mean over images of
+    each image's PSNR (common practice; it is >= the PSNR of the set's pooled squared error), computed in pixel
+    space (the model's "recon", clamped to [0, 1]). loss: the training loss. For Gaussians at mask 0: z_mean,
+    z_std (per image, averaged; 0 = one depth for all), z_saturated (share with |z| > 0.99, where tanh is flat)
+    and corr_scale_z (Pearson, mean scale vs z, over all Gaussians after centring each image's z and scale on
+    that image's means: the trend within an image, the paper's Fig. 10, larger nearer, is negative).
     """
     was_training = model.training
     model.eval()
     gen = torch.Generator(imgs.device).manual_seed(seed)
-    sums = dict(masked_err=0.0, masked_n=0.0, full_err=0.0, full_n=0.0, loss=0.0)
-    zs, scales = [], []
+    masked_db, full_db, zs, scales, loss = [], [], [], [], 0.0
     p = model.cfg.patch_size
     for i in range(0, imgs.shape[0], batch_size):
         x = imgs[i : i + batch_size]
         out = model(x, backend=backend, generator=gen)
-        err = ((patchify(out["pred"].clamp(0, 1), p) - patchify(x, p)) ** 2).sum(-1)  # [b, N]
-        sums["masked_err"] += (err * out["mask"]).sum().item()
-        sums["masked_n"] += out["mask"].sum().item() * p * p * 3
-        sums["loss"] += out["loss"].item() * x.shape[0]
+        err = ((patchify(out["recon"].clamp(0, 1), p) - patchify(x, p)) ** 2).sum(-1)  # [b, N]
+        m = out["mask"]
+        m = torch.where(m.sum(1, keepdim=True) > 0, m, 1.0)  # nothing masked (--mask 0): every patch, as the loss
+        masked_db.append(psnr_db((err * m).sum(1), m.sum(1) * p * p * 3))  # [b]
+        loss += out["loss"].item() * x.shape[0]
         full = model(x, mask_ratio=0.0, backend=backend)
-        sums["full_err"] += ((full["pred"].clamp(0, 1) - x) ** 2).sum().item()
-        sums["full_n"] += x.numel()
+        full_db.append(psnr_db(((full["recon"].clamp(0, 1) - x) ** 2).flatten(1).sum(1), x[0].numel()))
         if full["gaussians"] is not None:
             zs.append(full["gaussians"][..., 2])  # [b, K]
             scales.append(full["gaussians"][..., 3:6].mean(-1))  # [b, K]
     model.train(was_training)
-    metrics = {"loss": sums["loss"] / imgs.shape[0], "psnr_masked": psnr_db(sums["masked_err"], sums["masked_n"]),
-               "psnr_full": psnr_db(sums["full_err"], sums["full_n"])}
+    metrics = {"loss": loss / imgs.shape[0], "psnr_masked": torch.cat(masked_db).mean().item(),
+               "psnr_full": torch.cat(full_db).mean().item()}
     if zs:
         z, s = torch.cat(zs), torch.cat(scales)  # [B, K]
-        zc, sc = z - z.mean(), s - s.mean()
+        zc, sc = z - z.mean(1, keepdim=True), s - s.mean(1, keepdim=True)
         corr = (zc * sc).sum() / ((zc * zc).sum().sqrt() * (sc * sc).sum().sqrt()).clamp_min(1e-12)
         metrics.update(z_mean=z.mean().item(), z_std=z.std(dim=1).mean().item() if z.shape[1] > 1 else 0.0,
                        z_saturated=(z.abs() > 0.99).float().mean().item(), corr_scale_z=corr.item())

@@ -136,19 +136,18 @@ TABLES = {**QUICK, **LONG}
 @torch.no_grad()
 def mean_colour_oracle(n_val=256, img_size=32, patch_size=4, mask_ratio=0.75, seed=0, batch_size=64):
     """PSNR of predicting each validation image as its own mean colour, over the masked pixels (the same seeded
-    masks model.reconstruction_metrics draws) and over the whole image, pooled over pixels."""
+    masks model.reconstruction_metrics draws) and over the whole image, each the mean of per-image PSNRs."""
     val = build_dataset("synthetic", img_size, train=False, n_synthetic=n_val, seed=seed)
     imgs = torch.stack([val[i][0] for i in range(n_val)])
     gen = torch.Generator().manual_seed(seed)
-    masked_err = masked_n = full_err = 0.0
+    masked_db, full_db = [], []
     for i in range(0, n_val, batch_size):
         x = patchify(imgs[i: i + batch_size], patch_size)  # [b, N, P]
         err = ((x - x.reshape(x.shape[0], -1, 3).mean(1).repeat(1, patch_size ** 2)[:, None]) ** 2).sum(-1)
         _, mask, _, _ = random_masking(x, mask_ratio, gen)  # [b, N], 1 = masked
-        masked_err += (err * mask).sum().item()
-        masked_n += mask.sum().item() * x.shape[-1]
-        full_err += err.sum().item()
-    return {"psnr_masked": psnr_db(masked_err, masked_n), "psnr_full": psnr_db(full_err, imgs.numel())}
+        masked_db.append(psnr_db((err * mask).sum(1), mask.sum(1) * x.shape[-1]))
+        full_db.append(psnr_db(err.sum(1), x[0].numel()))
+    return {"psnr_masked": torch.cat(masked_db).mean().item(), "psnr_full": torch.cat(full_db).mean().item()}
 
 
 def run_row(row, done):
@@ -339,8 +338,9 @@ PAGE_HEAD = """# Results
 Written by `python study.py render` from `results/*.json` alone; do not edit by hand. Each table names the command
 that measures it (`python study.py quick --only NAME`), its wall time (the sum of its rows' runs, each run alone on
 the machine named) and the commands of its rows. Laptop tables: tiny ViT (192 x 6, decoder 128 x 2), 32 px
-synthetic scenes, 256 validation scenes with seeded masks, PSNR pooled over the set's pixels (not the mean of
-per-image PSNRs, which is larger), corr(scale, z) pooled over all images' Gaussians (centred on the set's means).
+synthetic scenes, 256 validation scenes with seeded masks. PSNR is the mean over images of each image's PSNR, in
+pixel space (`--norm-pix` rows are scaled back with each patch's true mean and std, which flatters them:
+docs/design.md 1); corr(scale, z) is taken within images (each image's Gaussians centred on its own means).
 """
 
 

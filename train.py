@@ -19,7 +19,8 @@ Recipe (MAE, He et al. 2022, Sec. A.1; GMAE Table 5):
     gradient clipping at --clip-grad; a loss that is not finite stops the run and names the step
 
 After every epoch, on --val-size validation images (model.reconstruction_metrics): val loss, PSNR over the
-masked pixels (the loss region), PSNR of the whole image at mask 0, and the depth statistics of the
+masked pixels (the paper's), PSNR of the whole image at mask 0 (each the mean of per-image PSNRs, in pixel space
+under --norm-pix), and the depth statistics of the
 Gaussians (per-image std of z, share saturated at |z| > 0.99, correlation of scale and z).
 
 Writes to --out: checkpoint.pt (model, optimizer, config, epoch; written atomically), log.jsonl (one line
@@ -198,9 +199,9 @@ def save_epoch_grid(path, model, imgs, backend, patch_size, seed=0):
     out = model(imgs, backend=backend, generator=torch.Generator(imgs.device).manual_seed(seed))
     full = model(imgs, mask_ratio=0.0, backend=backend)
     model.train()
-    mask, pred = out["mask"], out["pred"]
-    rows = [imgs, paste_patches(imgs, torch.full_like(imgs, 0.5), mask, patch_size), pred,
-            paste_patches(imgs, pred, mask, patch_size), full["pred"]]
+    mask, recon = out["mask"], out["recon"]  # in pixel space (--norm-pix: model.to_pixels)
+    rows = [imgs, paste_patches(imgs, torch.full_like(imgs, 0.5), mask, patch_size), recon,
+            paste_patches(imgs, recon, mask, patch_size), full["recon"]]
     if full["gaussians"] is not None:
         rows.append(depth_render(full["gaussians"], imgs.shape[2], imgs.shape[3], backend))
     save_grid(path, rows)

@@ -63,7 +63,7 @@ import data
 import engine
 import splat
 import zeroshot_eval
-from model import check_mask_ratio, psnr
+from model import check_mask_ratio, psnr, to_pixels
 
 DEFAULT_CKPT = os.path.join("runs", "gmae", "checkpoint.pt")  # train.py's default --out
 EDGE_LAYERS = (2, 4, 8)  # the soft edge map averages over these L ...
@@ -482,9 +482,12 @@ def pretraining_note(ckpt, path):
 def run_recon(net, img, path, dest, mask_ratio, seed, backend, max_size):
     S = net.cfg.img_size
     g, x = image_gaussians(net, img[None], mask_ratio, torch.Generator(img.device).manual_seed(seed))
-    recon_s = splat.render(g, S, S, backend=backend)
+    recon_s = to_pixels(splat.render(g, S, S, backend=backend), x, net.cfg.patch_size, net.cfg.norm_pix)
     H, W = img.shape[-2:]
-    recon = splat.render(g, *working_size(H, W, max_size), backend=backend)[0]  # the same Gaussians, sharper
+    if net.cfg.norm_pix:  # it renders normalised patches, which only map back at the model's size (to_pixels)
+        recon = recon_s[0].clamp(0, 1)
+    else:
+        recon = splat.render(g, *working_size(H, W, max_size), backend=backend)[0]  # the same Gaussians, sharper
     recon = resize_map(recon, H, W, "bilinear")
     Image.fromarray(np.concatenate([data.to_uint8(img), data.to_uint8(recon)], axis=1)).save(dest + "_recon.png")
     print(f"{path}: PSNR {psnr(recon_s.clamp(0, 1), x):.2f} dB at the model's {S} x {S} (mask {mask_ratio})")
