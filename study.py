@@ -4,6 +4,7 @@ The measurements behind docs/results.md, run by one script, and the page written
     python study.py quick                    # the laptop tables: about 45 min on a 2-core CPU -> results/*.json
     python study.py quick --only loss speed  # some of them (names: python study.py --help)
     python study.py long --cifar DIR         # the CIFAR-10 tables: hours (DIR/train/<class>/, DIR/val/<class>/)
+        [--ecssd DIR] [--bsds ROOT]          # ... with the CIFAR GMAE's figure-ground and edges on photos
     python study.py render                   # docs/results.md (and README's result block) from results/*.json
 
 Each table is a list of command lines (train.py, probe.py, zeroshot.py, bench.py), run one after another as
@@ -50,13 +51,15 @@ def probe(run, pool="mean", random_init=False, data=None):
 
 def zeroshot(command, run="gmae", *flags):
     out = f"{RUNS}/zeroshot_{run}"
-    stem = {"eval-depth": "depth", "eval-fg": "fg"}[command]
     where = "synthetic_anywhere" if "--anywhere" in flags else "synthetic"
     if "--masks" in flags:  # a folder of photos: zeroshot_eval names the JSON after it
         where = os.path.basename(os.path.normpath(flags[flags.index("--masks") + 1]))
+    json_path = f"{out}/{'depth' if command == 'eval-depth' else 'fg'}_{where}.json"
+    if command == "eval-edges":  # OUT/<where>/scores.json, beside each method's edge maps
+        json_path = f"{out}/{'bsds_val' if '--bsds' in flags else where}/scores.json"
     return {"kind": "zeroshot", "name": f"{command} {run}" + (" anywhere" if "--anywhere" in flags else ""),
             "argv": ["zeroshot.py", command, "--ckpt", f"{RUNS}/{run}/checkpoint.pt", *flags, "--out", out],
-            "json": f"{out}/{stem}_{where}.json"}
+            "json": json_path}
 
 
 def bench(name, *flags):
@@ -107,25 +110,38 @@ QUICK = {
 }
 
 
-def long_tables(cifar, ecssd=None):
+BSDS_EDGE_IMAGES = 20  # BSDS matching costs about 90 s an image here (4 readings x 99 thresholds x 5 annotators)
+
+
+def long_tables(cifar, ecssd=None, bsds=None):
     """The tables of `study.py long`, on the CIFAR-10 image folder `cifar` (--cifar; CIFAR_LAYOUT), with the
-    CIFAR-trained GMAE's figure-ground on ECSSD's photos when `ecssd` is given (--ecssd)."""
-    rows = [train("cifar_gmae", "--data", cifar, "--epochs", "10"),
-            train("cifar_mae", "--data", cifar, "--epochs", "10", "--decoder", "pixels"),
+    CIFAR-trained GMAE's figure-ground on ECSSD's photos when `ecssd` is given (--ecssd), and its edges on the
+    first BSDS_EDGE_IMAGES BSDS500 val images, a table of its own, when `bsds` is (--bsds)."""
+    gmae = train("cifar_gmae", "--data", cifar, "--epochs", "10")
+    rows = [gmae, train("cifar_mae", "--data", cifar, "--epochs", "10", "--decoder", "pixels"),
             probe("cifar_gmae", data=cifar), probe("cifar_gmae", random_init=True, data=cifar),
             probe("cifar_mae", data=cifar), probe("cifar_mae", random_init=True, data=cifar)]
     if ecssd:
         rows.append(zeroshot("eval-fg", "cifar_gmae", "--masks", ecssd))
-    return {
+    tables = {
         "cifar": ("CIFAR-10 subset: probes after an equal pretraining budget, and figure-ground on photos",
                   "20k train / 5k val photos at 32 px, 10 epochs each, laptop defaults otherwise; probes on their "
                   "frozen encoders (mean pool) against the same encoders untrained; with `--ecssd DIR`, the "
                   "CIFAR-trained GMAE's figure-ground masks on ECSSD's photos beside their controls.",
                   rows),
     }
+    if bsds:
+        tables["cifar_edges"] = (
+            "CIFAR-10 GMAE: edges on BSDS500 photos",
+            f"The CIFAR GMAE of the table above read as edges (docs/design.md 5) on the first {BSDS_EDGE_IMAGES} "
+            "BSDS500 val images, scored with the BSDS protocol (99 thresholds) beside its depth controls and Sobel. "
+            f"{BSDS_EDGE_IMAGES} of the 100 val images, because the matching costs about 90 s an image on a 2-core "
+            "CPU: `zeroshot.py eval-edges` without `--limit` runs them all.",
+            [gmae, zeroshot("eval-edges", "cifar_gmae", "--bsds", bsds, "--limit", str(BSDS_EDGE_IMAGES))])
+    return tables
 
 
-LONG = long_tables("DIR")  # names and titles (render, --only); `long --cifar` builds the rows on its own folder
+LONG = long_tables("DIR", bsds="BSDS")  # names, titles (render, --only); `long` builds rows on its own folders
 TABLES = {**QUICK, **LONG}
 
 
@@ -332,7 +348,8 @@ def render_cifar(t):
     return "\n\n".join(parts)
 
 
-RENDERERS = {"laptop": render_laptop, "zeroshot": render_zeroshot, "speed": render_speed, "cifar": render_cifar}
+RENDERERS = {"laptop": render_laptop, "zeroshot": render_zeroshot, "speed": render_speed, "cifar": render_cifar,
+             "cifar_edges": render_zeroshot}
 PAGE_HEAD = """# Results
 
 Written by `python study.py render` from `results/*.json` alone; do not edit by hand. Each table names the command
@@ -347,7 +364,7 @@ docs/design.md 1); corr(scale, z) is taken within images (each image's Gaussians
 def render_table(name):
     title, about, _ = TABLES[name]
     path = os.path.join(RESULTS, f"{name}.json")
-    mode = "long --cifar DIR" if name in LONG else "quick"
+    mode = "quick" if name not in LONG else "long --cifar DIR" + (" --bsds BSDS" if name == "cifar_edges" else "")
     if not os.path.exists(path):
         return f"## {title}\n\nNot measured yet: `python study.py {mode} --only {name}`.\n"
     with open(path) as f:
@@ -381,6 +398,8 @@ def main(argv=None):
     p.add_argument("--cifar", metavar="DIR", help=f"CIFAR-10 for `long`: {CIFAR_LAYOUT}")
     p.add_argument("--ecssd", metavar="DIR", help="ECSSD for `long` (optional): DIR/images/ and DIR/ground_truth_mask/ "
                    "(or masks/), as README \"Data\" says")
+    p.add_argument("--bsds", metavar="ROOT", help="BSDS500 for `long` (optional): ROOT/images/val/ and "
+                   "ROOT/groundTruth/val/ (the official archive's BSR/BSDS500/data), as README \"Data\" says")
     args = p.parse_args(argv)
     if args.mode == "render":
         render()
@@ -391,11 +410,15 @@ def main(argv=None):
         p.error(f"--cifar {args.cifar} needs train/ and val/ class folders: {CIFAR_LAYOUT}")
     if args.ecssd and not os.path.isdir(os.path.join(args.ecssd, "images")):
         p.error(f"--ecssd {args.ecssd} needs images/ and ground_truth_mask/ (or masks/) folders (README \"Data\")")
+    if args.bsds and not os.path.isdir(os.path.join(args.bsds, "groundTruth", "val")):
+        p.error(f"--bsds {args.bsds} needs images/val/ and groundTruth/val/ folders (README \"Data\")")
     # The rows run with this folder as their working directory: paths relative to it (as they appear in the page).
     here = lambda path: os.path.relpath(os.path.abspath(path), HERE)  # noqa: E731
-    tables = QUICK if args.mode == "quick" else long_tables(here(args.cifar), here(args.ecssd) if args.ecssd else None)
+    tables = QUICK if args.mode == "quick" else long_tables(*(here(d) if d else None for d in
+                                                              (args.cifar, args.ecssd, args.bsds)))
     invocation = "python study.py quick" if args.mode == "quick" else (
-        f"python study.py long --cifar {args.cifar}" + (f" --ecssd {args.ecssd}" if args.ecssd else ""))
+        f"python study.py long --cifar {args.cifar}" + (f" --ecssd {args.ecssd}" if args.ecssd else "")
+        + (f" --bsds {args.bsds}" if args.bsds else ""))
     names = args.only or list(tables)
     other = [n for n in names if n not in tables]
     if other:

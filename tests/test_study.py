@@ -99,6 +99,11 @@ def test_the_cifar_table_shows_probes_against_untrained_and_figure_ground_with_c
     assert [r["name"] for r in rows] == ["cifar_gmae", "cifar_mae", "cifar_gmae_mean", "cifar_gmae_mean_random",
                                          "cifar_mae_mean", "cifar_mae_mean_random", "eval-fg cifar_gmae"]
     assert rows[-1]["json"].endswith("zeroshot_cifar_gmae/fg_ECSSD.json")
+    edges = study.long_tables("DIR", "ECSSD", "BSDS")["cifar_edges"][2]  # a table of its own, on the same GMAE
+    assert edges[0] == rows[0] and edges[1]["name"] == "eval-edges cifar_gmae"
+    assert edges[1]["argv"][-4:-2] == ["--limit", str(study.BSDS_EDGE_IMAGES)]
+    assert edges[1]["json"].endswith("zeroshot_cifar_gmae/bsds_val/scores.json")  # where eval-edges writes them
+    assert "cifar_edges" not in study.long_tables("DIR", "ECSSD")
     train = lambda name, psnr: {"name": name, "command": f"python train.py {name}", "wall_s": 60,  # noqa: E731
                                 "config": {"num_gaussians": 64, "gaussians_per_token": 1},
                                 "result": {"psnr_masked": psnr, "psnr_full": psnr + 2, "img_per_s": 100.0}}

@@ -8,6 +8,7 @@ The checkpoints are built here, not trained: a randomly initialised tiny GMAE sa
 Run:  pytest -q tests/test_zeroshot_inputs.py
 """
 import importlib.util
+import json
 import os
 from dataclasses import asdict
 
@@ -314,6 +315,10 @@ def test_eval_edges_with_a_missing_or_broken_file_is_a_one_line_error(ckpt, tmp_
     (bsds / "groundTruth" / "val" / "1.mat").write_bytes(b"MATLAB 5.0 MAT-file, cut")
     assert cli_error(capsys, Z.main, argv).startswith(
         f"could not read BSDS ground truth {bsds / 'groundTruth' / 'val' / '1.mat'}: ")
+    save_mat(bsds / "groundTruth" / "val" / "1.mat", boundary)  # mended: the scores land where study.py reads them
+    assert Z.main(argv + ["--nthresh", "3"]) == 0
+    with open(tmp_path / "out" / "bsds_val" / "scores.json") as f:
+        assert set(json.load(f)) == {"learned", "permuted", "radial", "sobel"}
     # scoring a folder of edge PNGs: a broken PNG, a broken .mat, a PNG of another size
     pred, gt = tmp_path / "pred", tmp_path / "gt"
     pred.mkdir()
