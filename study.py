@@ -79,7 +79,9 @@ QUICK = {
                 probe("gmae"), probe("gmae", random_init=True), probe("mae"), probe("mae", random_init=True)]),
     "loss": ("Loss ablation (paper Table 1c at laptop scale)",
              "GMAE with the loss on the whole image (the laptop default), on the masked patches only (the paper's) "
-             "and on per-patch normalised targets.",
+             "and on per-patch normalised targets, the render regressed onto them as MAE's flag does. That row is "
+             "scored after scaling each predicted patch back with the image's own patch mean and std, which hands it "
+             "every masked patch's true mean and contrast: its PSNR flatters it (docs/design.md 1).",
              [train("gmae"), train("gmae_masked", "--loss-on", "masked"), train("gmae_normpix", "--norm-pix")]),
     "scale": ("Scale range c (paper Table 1d at laptop scale)",
               "scale = c sigmoid(s): c = 1 is the paper's, c = 2 the laptop default.",
