@@ -112,7 +112,7 @@ QUICK = {
 }
 
 
-BSDS_EDGE_IMAGES = 20  # BSDS matching costs about 90 s an image here (4 readings x 99 thresholds x 5 annotators)
+BSDS_EDGE_IMAGES = 20  # BSDS matching costs about 90 CPU-seconds an image (4 readings x 99 thresholds x ~5 annotators)
 
 
 def long_tables(cifar, ecssd=None, bsds=None):
@@ -137,8 +137,8 @@ def long_tables(cifar, ecssd=None, bsds=None):
             "CIFAR-10 GMAE: edges on BSDS500 photos",
             f"The CIFAR GMAE of the table above read as edges (docs/design.md 5) on the first {BSDS_EDGE_IMAGES} "
             "BSDS500 val images, scored with the BSDS protocol (99 thresholds) beside its depth controls and Sobel. "
-            f"{BSDS_EDGE_IMAGES} of the 100 val images, because the matching costs about 90 s an image on a 2-core "
-            "CPU: `zeroshot.py eval-edges` without `--limit` runs them all.",
+            f"{BSDS_EDGE_IMAGES} of the 100 val images, because the matching costs about 90 CPU-seconds an image "
+            "(spread over the cores by `--workers`): `zeroshot.py eval-edges` without `--limit` runs them all.",
             [gmae, zeroshot("eval-edges", "cifar_gmae", "--bsds", bsds, "--limit", str(BSDS_EDGE_IMAGES))])
     return tables
 
