@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import check_readable, collate_skip_broken, labelled_splits, make_loader, split_note
+from data import ReadableBatches, check_readable, collate_skip_broken, labelled_splits, make_loader, split_note
 from engine import (
     USER_ERRORS,
     add_labelled_data_flags,
@@ -159,7 +159,7 @@ def soft_cross_entropy(logits, targets):
 def evaluate(model, loader, device):
     """Top-1 and (with more than 5 classes) top-5 accuracy in percent over the loader."""
     model.eval()
-    scored = [(model(imgs.to(device)).float().cpu(), y) for imgs, y in filter(None, loader)]  # None: unreadable
+    scored = [(model(imgs.to(device)).float().cpu(), y) for imgs, y in ReadableBatches(loader)]
     if not scored:
         raise ValueError("no validation image could be read (warnings above name the files); nothing to score")
     logits, labels = zip(*scored)
@@ -181,9 +181,9 @@ def train_one_epoch(model, loader, optimizer, schedule, step, num_classes, mixup
     torchrun every process then stops at the same step (engine.any_process). Returns (summed loss, images seen)."""
     model.train()
     loss_sum, seen = 0.0, 0
-    batches = iter(loader)
+    batches = ReadableBatches(loader)  # past whole batches of unreadable files
     for _ in tqdm(range(len(loader)), desc=desc, leave=False, disable=not show):
-        batch = next(filter(None, batches), None)  # None batches: every file unreadable (data.collate_skip_broken)
+        batch = next(batches, None)
         if any_process(batch is None, device):  # before the forward: all processes take the step or none
             break
         imgs, targets = mix_batch(*batch, num_classes, mixup, cutmix, smoothing)

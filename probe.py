@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import collate_skip_broken, labelled_splits, split_note
+from data import ReadableBatches, collate_skip_broken, labelled_splits, split_note
 from engine import (
     USER_ERRORS,
     add_labelled_data_flags,
@@ -61,17 +61,16 @@ def extract_features(encoder, dataset, pool="cls", batch_size=256, workers=0, de
     """Features [M, D] and labels [M] of every readable image in dataset, with the encoder in eval mode; in
     dataset order for one process. Under torchrun each process encodes items rank, rank + W, ... and every
     process gets all of them back, grouped by process (the probes do not depend on the order).
-    Unreadable image files are skipped (data.collate_skip_broken)."""
+    Unreadable image files are skipped (data.ReadableBatches)."""
     encoder.eval()
     share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=collate_skip_broken)
     dim = encoder.norm.normalized_shape[0]
     feats, labels = [torch.zeros(0, dim)], [torch.zeros(0, dtype=torch.long)]  # a shard may read no image
-    for batch in tqdm(loader, desc=desc, leave=False, disable=rank != 0):
-        if batch is not None:  # None: every file of the batch was unreadable
-            feats.append(encode(encoder, batch[0].to(device), pool).float().cpu())  # [B, D]
-            labels.append(batch[1])
+    for imgs, y in tqdm(ReadableBatches(loader), total=len(loader), desc=desc, leave=False, disable=rank != 0):
+        feats.append(encode(encoder, imgs.to(device), pool).float().cpu())  # [B, D]
+        labels.append(y)
     parts = gather_objects((torch.cat(feats), torch.cat(labels)))  # [(feats, labels)] for one process
     feats, labels = torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts])
     if len(feats) == 0:  # every process sees the same gathered count, so all raise together

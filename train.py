@@ -62,7 +62,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import splat
-from data import VAL_FRACTION, build_dataset, make_loader, split_note, to_uint8
+from data import VAL_FRACTION, ReadableBatches, build_dataset, make_loader, split_note, to_uint8
 from engine import (
     USER_ERRORS,
     CheckpointError,
@@ -207,21 +207,6 @@ def save_epoch_grid(path, model, imgs, backend, patch_size, seed=0):
     save_grid(path, rows)
 
 
-def next_images(batches, batch_size, device):
-    """(images of the next batch on device, number of files skipped as unreadable, batches read); images None
-    when the iterator is exhausted. collate_skip_broken drops broken files, so a batch can be short or missing,
-    and a missing one is read past: one call can read several batches."""
-    skipped = read = 0
-    for batch in batches:
-        read += 1
-        if batch is None:  # every file of the batch was unreadable
-            skipped += batch_size
-            continue
-        imgs = batch[0]
-        return imgs.to(device, non_blocking=True), skipped + batch_size - imgs.shape[0], read
-    return None, skipped, read
-
-
 class Preemption:
     """SIGTERM (what cluster schedulers send before they stop a job) becomes a request: the training loop
     finishes its step, writes a checkpoint and exits with 143 (128 + SIGTERM). A context manager; the
@@ -326,12 +311,14 @@ def train_step(ddp_model, batches, optimizer, scaler, progress, batch_size, accu
     model = unwrap(ddp_model)
     loss_sum, seen = 0.0, 0
     for micro in range(accum_iter):
-        imgs, skipped, read = next_images(batches, batch_size, device)
-        progress.sums[2] += skipped
-        progress.epoch_items += read * batch_size
-        if any_process(imgs is None, device):  # before the forward: all take the micro-step or none
+        skipped, read = batches.skipped, batches.read
+        batch = next(batches, None)  # batches: data.ReadableBatches, past whole batches of unreadable files
+        progress.sums[2] += batches.skipped - skipped
+        progress.epoch_items += (batches.read - read) * batch_size
+        if any_process(batch is None, device):  # before the forward: all take the micro-step or none
             optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation
             return None
+        imgs = batch[0].to(device, non_blocking=True)
         # DDP averages the gradients over processes in backward; only on the last micro-batch of a step.
         last = micro == accum_iter - 1
         with contextlib.nullcontext() if last or ddp_model is model else ddp_model.no_sync():
@@ -457,7 +444,7 @@ def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, war
     for epoch in range(progress.epoch, epochs):
         progress.epoch = epoch
         sampler.set_epoch(progress.epoch, start=progress.epoch_items)
-        batches, t0, seen_before = iter(loader), time.time(), progress.sums[1]
+        batches, t0, seen_before = ReadableBatches(loader), time.time(), progress.sums[1]
         ddp_model.train()
         bar = tqdm(total=steps_per_epoch, initial=progress.epoch_step, desc=f"epoch {progress.epoch + 1}/{epochs}",
                    leave=False, disable=not main_process)

@@ -433,10 +433,16 @@ def test_loader_items_are_the_same_with_any_number_of_workers_and_in_ddp_shards(
     assert not torch.equal(torch.cat([imgs for imgs, _ in loader]), one)  # another epoch, other crops
 
 
-def test_next_images_skips_empty_batches_and_counts_short_ones():
+class Batches(list):
+    batch_size = 4  # what ReadableBatches reads off a DataLoader
+
+
+def test_readable_batches_read_past_empty_ones_and_count_what_they_drop():
     imgs = torch.zeros(3, 3, 4, 4)
-    assert train.next_images(iter([None, None, (imgs, None)]), 4, "cpu")[1:] == (4 + 4 + 1, 3)  # 3 batches read
-    assert train.next_images(iter([None]), 4, "cpu") == (None, 4, 1)
+    batches = data.ReadableBatches(Batches([None, None, (imgs, None), (imgs[:2], None), None]))
+    assert next(batches)[0] is imgs and (batches.skipped, batches.read) == (4 + 4 + 1, 3)  # 3 batches read
+    assert len(next(batches)[0]) == 2 and (batches.skipped, batches.read) == (9 + 2, 4)
+    assert next(batches, None) is None and (batches.skipped, batches.read) == (11 + 4, 5)  # the loader ran out
 
 
 def test_probe_and_finetune_run_under_torchrun(tmp_path):
