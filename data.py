@@ -648,27 +648,6 @@ def collate_skip_broken(batch):
     return default_collate(good) if good else None
 
 
-class ReadableBatches:
-    """Iterates the batches of a collate_skip_broken loader that hold a readable image, reading past those that
-    hold none (None): the one way every stage meets unreadable files. `read` counts the loader's batches taken,
-    None ones included (where a resumed epoch continues); `skipped` the files dropped, counted against
-    loader.batch_size (exact for loaders that drop their last short batch, as make_loader's do)."""
-
-    def __init__(self, loader):
-        self.batches, self.batch_size, self.read, self.skipped = iter(loader), loader.batch_size, 0, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        for batch in self.batches:
-            self.read += 1
-            self.skipped += self.batch_size - (0 if batch is None else len(batch[0]))
-            if batch is not None:
-                return batch
-        raise StopIteration
-
-
 def make_loader(dataset, batch_size, rank=0, world_size=1, seed=0, shuffle=True, workers=0, pin_memory=False):
     """(DataLoader, ResumableSampler) reading this process's shard of `dataset`, batch_size items per step
     per process, incomplete last batches dropped. Call sampler.set_epoch(epoch) before every epoch.

@@ -8,11 +8,14 @@ util/misc.py, util/lr_sched.py and util/lr_decay.py).
     rng_states / set_rng_states                             every RNG a step draws from, for exact resume
     distributed / wrap_ddp / unwrap / all_reduce_sum        torchrun's process group (no-ops in one process)
     any_process                                             all processes stop an epoch together
+    ReadableBatches                                         past batches with no readable image file
+    collect_images                                          a command's input files and their output names
     param_groups / lr_at / set_lr                           AdamW groups, warmup + cosine per iteration
     load_encoder / encode / topk_accuracy                   frozen or fine-tuned encoder features
 
 Try it: python -c "import engine; print(engine.lr_at(50, 100, 10, 1e-3, 0.0))"
 """
+import collections
 import contextlib
 import math
 import os
@@ -24,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from data import VAL_FRACTION
+from data import IMG_EXTENSIONS, VAL_FRACTION, list_images
 from model import GMAE, Encoder, GMAEConfig, normalize
 from splat import BackendUnavailable, DenseRenderTooLarge
 
@@ -258,6 +261,72 @@ def gather_objects(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs: unreadable batches, and the files a command reads with the names it writes them under
+
+
+class ReadableBatches:
+    """Iterates the batches of a collate_skip_broken loader that hold a readable image, reading past those that
+    hold none (None): the one way every stage meets unreadable files. `read` counts the loader's batches taken,
+    None ones included (where a resumed epoch continues); `skipped` the files dropped, counted against
+    loader.batch_size (exact for loaders that drop their last short batch, as make_loader's do)."""
+
+    def __init__(self, loader):
+        self.batches, self.batch_size, self.read, self.skipped = iter(loader), loader.batch_size, 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        for batch in self.batches:
+            self.read += 1
+            self.skipped += self.batch_size - (0 if batch is None else len(batch[0]))
+            if batch is not None:
+                return batch
+        raise StopIteration
+
+
+def collect_images(paths):
+    """(file, output name) pairs from a list of files and folders (folders: data.list_images, recursive, sorted).
+
+    The name is the file's path under the folder argument it came from (its own name for a file given directly)
+    without the extension: DIR/a/1.jpg -> a/1, and a BSDS folder gives the <stem>.png edge maps that
+    `eval-edges --pred` reads. A file listed twice is read once. ValueError when two inputs would still share a
+    name (see output_names): nothing is overwritten silently."""
+    found = {}  # absolute path -> (path as given, path under its folder argument)
+    for p in paths:
+        if os.path.isdir(p):
+            files = list_images(p)
+            if not files:
+                raise FileNotFoundError(f"no images found under {p} (looked for {', '.join(IMG_EXTENSIONS)})")
+            pairs = [(f, os.path.relpath(f, p)) for f in files]
+        elif os.path.isfile(p):
+            pairs = [(p, os.path.basename(p))]
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {p}")
+        for f, rel in pairs:
+            found.setdefault(os.path.abspath(f), (f, rel))
+    files = [f for f, _ in found.values()]
+    return list(zip(files, output_names(files, [rel for _, rel in found.values()])))
+
+
+def output_names(files, rels):
+    """Each file's output name: its relative path rel without the extension, or with the extension folded in
+    (x.jpg -> x_jpg, x.png -> x_png) where two inputs differ only by it. ValueError naming both files when two
+    would still share a name (DIR1/x.jpg and DIR2/x.jpg given together). Names are compared ignoring case, as a
+    macOS or Windows disk does."""
+    bases = [os.path.splitext(r)[0] for r in rels]
+    count = collections.Counter(b.casefold() for b in bases)
+    names = [b + "_" + os.path.splitext(r)[1][1:] if count[b.casefold()] > 1 else b for b, r in zip(bases, rels)]
+    first = {}
+    for f, name in zip(files, names):
+        if name.casefold() in first:
+            raise ValueError(f"{first[name.casefold()]} and {f} would both be written as {name}...: give the folder "
+                             "above them (names keep the path under it), or run them with different --out")
+        first[name.casefold()] = f
+    return names
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -38,9 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import ReadableBatches, check_readable, collate_skip_broken, labelled_splits, make_loader, split_note
+from data import check_readable, collate_skip_broken, labelled_splits, make_loader, split_note
 from engine import (
     USER_ERRORS,
+    ReadableBatches,
     add_labelled_data_flags,
     all_reduce_sum,
     any_process,

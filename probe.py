@@ -36,9 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import ReadableBatches, collate_skip_broken, labelled_splits, split_note
+from data import collate_skip_broken, labelled_splits, split_note
 from engine import (
     USER_ERRORS,
+    ReadableBatches,
     add_labelled_data_flags,
     check_flags,
     distributed,

@@ -62,10 +62,11 @@ from PIL import Image
 from tqdm import tqdm
 
 import splat
-from data import VAL_FRACTION, ReadableBatches, build_dataset, make_loader, split_note, to_uint8
+from data import VAL_FRACTION, build_dataset, make_loader, split_note, to_uint8
 from engine import (
     USER_ERRORS,
     CheckpointError,
+    ReadableBatches,
     add_run_flags,
     all_reduce_sum,
     any_process,

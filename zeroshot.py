@@ -48,7 +48,6 @@ The evaluation and plots need the optional packages of requirements-eval.txt (py
 Shapes: B images, K Gaussians, L layers, H x W pixels; Gaussians [B, K, 14] as in splat.py.
 """
 import argparse
-import collections
 import functools
 import math
 import os
@@ -415,47 +414,6 @@ def read_ply(path):
 # Commands on image files: each writes OUT/<name> plus a suffix of its own, so commands can share --out
 
 
-def collect_images(paths):
-    """(file, output name) pairs from a list of files and folders (folders: data.list_images, recursive, sorted).
-
-    The name is the file's path under the folder argument it came from (its own name for a file given directly)
-    without the extension: DIR/a/1.jpg -> a/1, and a BSDS folder gives the <stem>.png edge maps that
-    `eval-edges --pred` reads. A file listed twice is read once. ValueError when two inputs would still share a
-    name (see output_names): nothing is overwritten silently."""
-    found = {}  # absolute path -> (path as given, path under its folder argument)
-    for p in paths:
-        if os.path.isdir(p):
-            files = data.list_images(p)
-            if not files:
-                raise FileNotFoundError(f"no images found under {p} (looked for {', '.join(data.IMG_EXTENSIONS)})")
-            pairs = [(f, os.path.relpath(f, p)) for f in files]
-        elif os.path.isfile(p):
-            pairs = [(p, os.path.basename(p))]
-        else:
-            raise FileNotFoundError(f"no such image file or folder: {p}")
-        for f, rel in pairs:
-            found.setdefault(os.path.abspath(f), (f, rel))
-    files = [f for f, _ in found.values()]
-    return list(zip(files, output_names(files, [rel for _, rel in found.values()])))
-
-
-def output_names(files, rels):
-    """Each file's output name: its relative path rel without the extension, or with the extension folded in
-    (x.jpg -> x_jpg, x.png -> x_png) where two inputs differ only by it. ValueError naming both files when two
-    would still share a name (DIR1/x.jpg and DIR2/x.jpg given together). Names are compared ignoring case, as a
-    macOS or Windows disk does."""
-    bases = [os.path.splitext(r)[0] for r in rels]
-    count = collections.Counter(b.casefold() for b in bases)
-    names = [b + "_" + os.path.splitext(r)[1][1:] if count[b.casefold()] > 1 else b for b, r in zip(bases, rels)]
-    first = {}
-    for f, name in zip(files, names):
-        if name.casefold() in first:
-            raise ValueError(f"{first[name.casefold()]} and {f} would both be written as {name}...: give the folder "
-                             "above them (names keep the path under it), or run them with different --out")
-        first[name.casefold()] = f
-    return names
-
-
 def load_gmae(path, device="cpu"):
     """(The model of a train.py checkpoint on device, in eval mode; the checkpoint dict), as engine.load_checkpoint.
     Raises FileNotFoundError; engine.CheckpointError (a ValueError) for a file that cannot be used, one whose
@@ -525,7 +483,7 @@ def run_export(net, img, dest):
 
 
 def run_on_images(command, files, out, write, device="cpu"):
-    """write(img [3, H, W] on device, path, dest) for every (path, name) of collect_images, dest = OUT/<name> (its
+    """write(img [3, H, W] on device, path, dest) for every (path, name) of engine.collect_images, dest = OUT/<name> (its
     folder made); an unreadable image is reported and skipped, the rest still run. Returns the number of failures."""
     failures = 0
     for path, name in files:
@@ -680,7 +638,7 @@ def main(argv=None):
                 "gaussians": lambda img, path, dest: run_gaussians(net, img, dest),
                 "export": lambda img, path, dest: run_export(net, img, dest),
             }[args.command]
-            return 1 if run_on_images(args.command, collect_images(args.images), out, write, device) else 0
+            return 1 if run_on_images(args.command, engine.collect_images(args.images), out, write, device) else 0
         if score_folder:
             zeroshot_eval.eval_edge_folder(args.pred, args.gt, nthresh)
         elif args.command == "eval-edges":

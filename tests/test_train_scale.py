@@ -439,7 +439,7 @@ class Batches(list):
 
 def test_readable_batches_read_past_empty_ones_and_count_what_they_drop():
     imgs = torch.zeros(3, 3, 4, 4)
-    batches = data.ReadableBatches(Batches([None, None, (imgs, None), (imgs[:2], None), None]))
+    batches = engine.ReadableBatches(Batches([None, None, (imgs, None), (imgs[:2], None), None]))
     assert next(batches)[0] is imgs and (batches.skipped, batches.read) == (4 + 4 + 1, 3)  # 3 batches read
     assert len(next(batches)[0]) == 2 and (batches.skipped, batches.read) == (9 + 2, 4)
     assert next(batches, None) is None and (batches.skipped, batches.read) == (11 + 4, 5)  # the loader ran out

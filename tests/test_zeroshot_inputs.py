@@ -168,9 +168,9 @@ def test_same_stems_in_two_subfolders_and_two_extensions_write_separate_files(ck
 
 
 def test_output_names_by_hand_and_a_collision_is_refused_in_one_line(ckpt, tmp_path, capsys):
-    assert Z.output_names(["d/1.jpg", "d/sub/1.jpg", "d/x.jpg", "d/x.PNG"], ["1.jpg", "sub/1.jpg", "x.jpg", "x.PNG"]) \
+    assert engine.output_names(["d/1.jpg", "d/sub/1.jpg", "d/x.jpg", "d/x.PNG"], ["1.jpg", "sub/1.jpg", "x.jpg", "x.PNG"]) \
         == ["1", "sub/1", "x_jpg", "x_PNG"]
-    assert Z.output_names(["Photo.jpg", "photo.png"], ["Photo.jpg", "photo.png"]) == ["Photo_jpg", "photo_png"]
+    assert engine.output_names(["Photo.jpg", "photo.png"], ["Photo.jpg", "photo.png"]) == ["Photo_jpg", "photo_png"]
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
         noise_png(tmp_path / d / "1.png", 24, 16)
@@ -178,7 +178,7 @@ def test_output_names_by_hand_and_a_collision_is_refused_in_one_line(ckpt, tmp_p
     message = cli_error(capsys, Z.main, ["export", a, b, "--ckpt", ckpt, "--out", str(tmp_path / "out")])
     assert message.startswith(f"{a} and {b} would both be written as 1_png") and "different --out" in message
     assert not (tmp_path / "out" / "1.ply").exists()  # refused before anything is written
-    assert Z.collect_images([a, a, str(tmp_path / "a")]) == [(a, "1")]  # the same file listed thrice: read once
+    assert engine.collect_images([a, a, str(tmp_path / "a")]) == [(a, "1")]  # the same file listed thrice: read once
 
 
 def test_a_bsds_style_folder_still_gives_stem_png_for_eval_edges(ckpt, tmp_path):
