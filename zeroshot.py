@@ -552,6 +552,8 @@ def build_parser():
     s.add_argument("--bsds", help="BSDS500 root: ROOT/images/<split>/*.jpg, ROOT/groundTruth/<split>/*.mat "
                                   "(the official archive's BSR/BSDS500/data)")
     s.add_argument("--nthresh", type=int, default=99, help="thresholds swept (official benchmark: 99)")
+    s.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="processes for the BSDS matching, about a minute an image each (default: one per core)")
     s.add_argument("--tiles", type=int, default=None, help="window size for edges (see edges --tiles)")
     s = sub.add_parser("eval-fg", parents=[common, synth], help="IoU, F of figure-ground masks vs controls")
     s.add_argument("--masks", help="figure-ground set: DIR/images/<stem>.jpg, DIR/ground_truth_mask/<stem>.png (ECSSD)")
@@ -588,6 +590,8 @@ def main(argv=None):
         parser.error(f"--tiles is a window size in pixels, >= 2, got {tiles}")
     if nthresh < 1:
         parser.error(f"--nthresh must be >= 1, got {nthresh}")
+    if getattr(args, "workers", 1) < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     error = range_error(getattr(args, "threshold", None), args.max_size, getattr(args, "synthetic", 0),
                         getattr(args, "size", 8), getattr(args, "limit", None))
     if error:
@@ -640,13 +644,13 @@ def main(argv=None):
             }[args.command]
             return 1 if run_on_images(args.command, engine.collect_images(args.images), out, write, device) else 0
         if score_folder:
-            zeroshot_eval.eval_edge_folder(args.pred, args.gt, nthresh)
+            zeroshot_eval.eval_edge_folder(args.pred, args.gt, nthresh, args.workers)
         elif args.command == "eval-edges":
             items, where = zeroshot_eval.edge_items(args.synthetic, args.size, args.anywhere, args.bsds, args.split,
                                                     args.limit)
             out = os.path.join(out, where + (f"_tiles{tiles}" if tiles else ""))
             readings = edge_readings(net, tiles, backend, seed, max_size, device)
-            zeroshot_eval.eval_edges(items, where, readings, out, nthresh)
+            zeroshot_eval.eval_edges(items, where, readings, out, nthresh, args.workers)
         elif args.command == "eval-fg":
             items, where = zeroshot_eval.fg_items(args.synthetic, args.size, args.anywhere, args.masks, args.limit)
             read = functools.partial(figure_ground_of, layers=layers, threshold=args.threshold, backend=backend,

@@ -133,6 +133,28 @@ def boundary_counts(pred, gts, thresholds, max_dist=0.0075):
     return out
 
 
+def _counts_of(job):
+    """boundary_counts of one (edge map uint8 [H, W], gt maps, thresholds) job; module-level, so that worker
+    processes can unpickle it by name."""
+    pred_u8, gts, thresholds = job
+    return boundary_counts(pred_u8 / 255, gts, thresholds)
+
+
+def match_all(jobs, workers=1):
+    """[boundary_counts of each job] in order, jobs an iterable of (edge map uint8 [H, W], gt maps, thresholds).
+    The matching is single-threaded C++ and costs about a minute an image at 99 thresholds, so with workers > 1
+    the jobs run on that many spawned processes, each submitted as soon as the iterable makes it (a generator's
+    model readings overlap the matching). The matcher's outlier edges are random in every process, as in the
+    official code, so counts can differ by a pixel between any two runs, parallel or not."""
+    if workers <= 1:
+        return [_counts_of(job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_counts_of, jobs))
+
+
 def _prf(cnt_r, sum_r, cnt_p, sum_p):
     r = cnt_r / np.where(sum_r == 0, 1, sum_r)
     p = cnt_p / np.where(sum_p == 0, 1, sum_p)
@@ -184,11 +206,11 @@ def check_same_size(path, size, other, other_size):
 
 
 def load_edge_png(path):
-    """An edge map PNG (white = edge) -> [H, W] float64 in [0, 1]; data.BrokenImageError naming a broken file."""
-    return np.asarray(data.load_rgb(path).convert("L"), dtype=np.float64) / 255
+    """An edge map PNG (white = edge) -> [H, W] uint8; data.BrokenImageError naming a broken file."""
+    return np.asarray(data.load_rgb(path).convert("L"))
 
 
-def score_edge_folder(pred_dir, gt_dir, nthresh, max_dist=0.0075):
+def score_edge_folder(pred_dir, gt_dir, nthresh, workers=1):
     """ODS / OIS / AP of every gt_dir/<stem>.mat against pred_dir/<stem>.png (uint8, white = edge)."""
     stems = sorted(f[:-4] for f in os.listdir(gt_dir) if f.endswith(".mat"))
     if not stems:
@@ -197,14 +219,16 @@ def score_edge_folder(pred_dir, gt_dir, nthresh, max_dist=0.0075):
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(stems)} predictions missing in {pred_dir}, e.g. {missing[0]}.png")
     th = bsds_thresholds(nthresh)
-    counts = []
-    for s in stems:
-        pred_path, gt_path = os.path.join(pred_dir, s + ".png"), os.path.join(gt_dir, s + ".mat")
-        pred, gts = load_edge_png(pred_path), load_bsds_boundaries(gt_path)
-        for gt in gts:
-            check_same_size(gt_path, gt.shape, pred_path, pred.shape)
-        counts.append(boundary_counts(pred, gts, th, max_dist))
-    return boundary_scores(np.stack(counts), th)
+
+    def jobs():
+        for s in stems:
+            pred_path, gt_path = os.path.join(pred_dir, s + ".png"), os.path.join(gt_dir, s + ".mat")
+            pred, gts = load_edge_png(pred_path), load_bsds_boundaries(gt_path)
+            for gt in gts:
+                check_same_size(gt_path, gt.shape, pred_path, pred.shape)
+            yield pred, gts, th
+
+    return boundary_scores(np.stack(match_all(jobs(), workers)), th)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,35 +366,43 @@ def save_results(out, name, results):
     print(f"wrote {path}")
 
 
-def eval_edge_folder(pred_dir, gt_dir, nthresh):
+def eval_edge_folder(pred_dir, gt_dir, nthresh, workers=1):
     """Score a folder of edge PNGs (what `zeroshot.py edges` writes) against BSDS .mat files; print the scores."""
-    scores = score_edge_folder(pred_dir, gt_dir, nthresh)
+    scores = score_edge_folder(pred_dir, gt_dir, nthresh, workers)
     print_table(f"{pred_dir} vs {gt_dir} ({nthresh} thresholds)", {"pred": scores}, ["ODS", "OIS", "AP"])
     return scores
 
 
-def score_edge_readings(items, readings, out, nthresh):
+def score_edge_readings(items, readings, out, nthresh, workers=1):
     """items: (stem, image [3, H, W], gt boundary maps) triples; readings(img, i) -> {depth mode: soft edges
     [H, W]}. Writes OUT/<method>/<stem>.png for each reading and Sobel, then scores each method's maps with the
-    BSDS protocol -> {method: {ODS, OIS, AP}}."""
+    BSDS protocol (match_all, on `workers` processes) -> {method: {ODS, OIS, AP}}."""
     th = bsds_thresholds(nthresh)
-    counts = {}
-    for i, (name, img, gts) in enumerate(items):
-        maps = readings(img, i)
-        maps["sobel"] = sobel_edges(img[None])[0]
-        for m, e in maps.items():
-            os.makedirs(os.path.join(out, m), exist_ok=True)
-            u8 = data.to_uint8(e)
-            Image.fromarray(u8).save(os.path.join(out, m, name + ".png"))
-            counts.setdefault(m, []).append(boundary_counts(u8 / 255, gts, th))  # score exactly what was written
-        print(f"\r{i + 1}/{len(items)} images", end="", flush=True)
+    methods = []
+
+    def jobs():
+        for i, (name, img, gts) in enumerate(items):
+            maps = readings(img, i)
+            maps["sobel"] = sobel_edges(img[None])[0]
+            for m, e in maps.items():
+                os.makedirs(os.path.join(out, m), exist_ok=True)
+                u8 = data.to_uint8(e)
+                Image.fromarray(u8).save(os.path.join(out, m, name + ".png"))
+                methods.append(m)
+                yield u8, gts, th  # score exactly what was written
+            print(f"\r{i + 1}/{len(items)} images read", end="", flush=True)
+
+    counts = match_all(jobs(), workers)
     print()
-    return {m: boundary_scores(np.stack(c), th) for m, c in counts.items()}
+    per_method = {}
+    for m, c in zip(methods, counts):
+        per_method.setdefault(m, []).append(c)
+    return {m: boundary_scores(np.stack(c), th) for m, c in per_method.items()}
 
 
-def eval_edges(items, where, readings, out, nthresh):
+def eval_edges(items, where, readings, out, nthresh, workers=1):
     """Edge readings and Sobel on items (edge_items) scored with the BSDS protocol; OUT/scores.json."""
-    results = score_edge_readings(items, readings, out, nthresh)
+    results = score_edge_readings(items, readings, out, nthresh, workers)
     print_table(f"edges on {where}, {len(items)} images, {nthresh} thresholds", results, ["ODS", "OIS", "AP"])
     save_results(out, "scores.json", results)
     return results

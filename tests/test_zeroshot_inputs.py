@@ -236,6 +236,7 @@ def test_a_finetuned_checkpoint_is_a_one_line_error(tmp_path, capsys):
     (["eval-depth", "--synthetic", "2", "--size", "4"], "--size must be >= 8 (the synthetic scenes' shapes need it)"),
     (["eval-fg", "--masks", "m", "--limit", "0"], "--limit must be >= 1 (leave it out for every image), got 0"),
     (["eval-edges", "--bsds", "b", "--limit", "-1"], "--limit must be >= 1 (leave it out for every image), got -1"),
+    (["eval-edges", "--bsds", "b", "--workers", "0"], "--workers must be >= 1, got 0"),
 ])
 def test_numeric_flags_out_of_range_are_one_line_errors(tmp_path, capsys, argv, message):
     none = str(tmp_path / "none.pt")  # the ranges are checked before the checkpoint is read
@@ -332,3 +333,28 @@ def test_eval_edges_with_a_missing_or_broken_file_is_a_one_line_error(ckpt, tmp_
                                                 "ground truth and image must have the same size")
     (gt / "1.mat").write_bytes(b"")
     assert cli_error(capsys, Z.main, score).startswith(f"could not read BSDS ground truth {gt / '1.mat'}: ")
+
+
+@needs_scipy
+def test_bsds_matching_on_two_processes_scores_as_on_one(tmp_path):
+    pytest.importorskip("pyEdgeEval")
+    import zeroshot_eval as ZE
+
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    for i in range(3):  # a vertical line, the prediction off by 0, 2 and 8 px: matched within 0.0075 x 500 px
+        boundary = np.zeros((300, 400), np.uint8)
+        boundary[50:250, 100 + 50 * i] = 1
+        save_mat(gt / f"{i}.mat", boundary)
+        edge = np.zeros((300, 400), np.uint8)
+        edge[50:250, 100 + 50 * i + (0, 2, 8)[i]] = 255
+        Image.fromarray(edge).save(pred / f"{i}.png")
+    one = ZE.score_edge_folder(str(pred), str(gt), nthresh=3, workers=1)
+    two = ZE.score_edge_folder(str(pred), str(gt), nthresh=3, workers=2)
+    assert one["ODS"] == pytest.approx(2 / 3, abs=0.02)  # 2 of 3 lines matched: P = R = 2/3
+    for k in ("ODS", "OIS", "AP"):
+        assert two[k] == pytest.approx(one[k], abs=0.02), k  # the matcher's random outlier edges, nothing more
+    (pred / "1.png").write_bytes(b"not a png")  # a broken file stops the parallel scoring with its name
+    with pytest.raises(data.BrokenImageError, match="1.png"):
+        ZE.score_edge_folder(str(pred), str(gt), nthresh=3, workers=2)
