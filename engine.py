@@ -268,7 +268,7 @@ def gather_objects(obj):
 
 
 class ReadableBatches:
-    """Iterates the batches of a collate_skip_broken loader that hold a readable image, reading past those that
+    """Iterates the batches of a data.collate_skip_broken loader that hold a readable image, reading past those that
     hold none (None): the one way every stage meets unreadable files. `read` counts the loader's batches taken,
     None ones included (where a resumed epoch continues); `skipped` the files dropped, counted against
     loader.batch_size (exact for loaders that drop their last short batch, as make_loader's do)."""

@@ -62,7 +62,7 @@ def extract_features(encoder, dataset, pool="cls", batch_size=256, workers=0, de
     """Features [M, D] and labels [M] of every readable image in dataset, with the encoder in eval mode; in
     dataset order for one process. Under torchrun each process encodes items rank, rank + W, ... and every
     process gets all of them back, grouped by process (the probes do not depend on the order).
-    Unreadable image files are skipped (data.ReadableBatches)."""
+    Unreadable image files are skipped (engine.ReadableBatches)."""
     encoder.eval()
     share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(share, batch_size=batch_size, shuffle=False, num_workers=workers,

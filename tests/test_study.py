@@ -85,7 +85,7 @@ def test_long_with_a_failed_table_exits_nonzero_and_says_why(tmp_path, monkeypat
     monkeypatch.setattr(study, "RESULTS", str(tmp_path / "results"))
     monkeypatch.setattr(study, "render", lambda *a, **k: None)
     bad = study.train("bad", "--data", str(cifar), "--epochs", "0")  # train.py refuses --epochs 0, exit status 2
-    monkeypatch.setattr(study, "long_tables", lambda cifar, ecssd=None: {"cifar": ("A failing table", "One bad run.", [bad])})
+    monkeypatch.setattr(study, "long_tables", lambda cifar, ecssd=None, bsds=None: {"cifar": ("A failing table", "One bad run.", [bad])})
     with pytest.raises(SystemExit) as stop:
         study.main(["long", "--cifar", str(cifar)])
     assert stop.value.code not in (0, None)

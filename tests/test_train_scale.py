@@ -351,12 +351,16 @@ def tiny_model():
     return M.GMAE(train.config_from_args(train.get_args(SMALL)))
 
 
+class Batches(list):
+    batch_size = 4  # what ReadableBatches reads off a DataLoader
+
+
 def test_a_step_cut_short_by_the_shard_adds_nothing_to_the_epoch_sums():
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     progress = train.Progress()
     # --accum-iter 2: the first micro-batch loads, then the shard holds one batch of unreadable files and ends.
-    batches = iter([(torch.rand(4, 3, 16, 16), None), None])
+    batches = engine.ReadableBatches(Batches([(torch.rand(4, 3, 16, 16), None), None]))  # Batches: batch_size 4
     assert train.train_step(model, batches, optimizer, torch.amp.GradScaler("cpu", enabled=False), progress, 4, 2,
                             None, BACKEND, 1.0, torch.device("cpu"), 1, None) is None
     assert progress.sums == [0.0, 0, 4]  # neither the dropped micro-batch's loss nor its 4 images; the 4 broken files
@@ -431,10 +435,6 @@ def test_loader_items_are_the_same_with_any_number_of_workers_and_in_ddp_shards(
     loader, sampler = data.make_loader(scenes, 8, seed=0)
     sampler.set_epoch(4)
     assert not torch.equal(torch.cat([imgs for imgs, _ in loader]), one)  # another epoch, other crops
-
-
-class Batches(list):
-    batch_size = 4  # what ReadableBatches reads off a DataLoader
 
 
 def test_readable_batches_read_past_empty_ones_and_count_what_they_drop():

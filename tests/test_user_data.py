@@ -180,7 +180,7 @@ def test_probe_and_finetune_on_an_unreadable_val_split_stop_in_one_line(tmp_path
 def test_finetune_evaluate_with_nothing_readable_is_a_value_error():
     model = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match="no validation image could be read"):
-        finetune.evaluate(model, [None, None], "cpu")
+        finetune.evaluate(model, torch.utils.data.DataLoader([None, None], batch_size=1, collate_fn=lambda b: None), "cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
