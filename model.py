@@ -445,11 +445,10 @@ class PixelDecoder(nn.Module):
 # Loss and the whole model
 
 
-def patch_stats(imgs, patch_size):
-    """Each patch's pixel mean and std, [B, N, 1] each: the statistics --norm-pix normalises a target patch by
-    (MAE's: the variance of the patch's p p 3 values, plus 1e-6 under the square root)."""
-    target = patchify(imgs, patch_size)  # [B, N, P]
-    return target.mean(dim=-1, keepdim=True), (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+def patch_stats(patches):
+    """Each patch's mean and std, [B, N, 1] each, of patches [B, N, P]: the statistics --norm-pix normalises a
+    target patch by (MAE's: the variance of the patch's p p 3 values, plus 1e-6 under the square root)."""
+    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
 
 
 def reconstruction_loss(pred, imgs, mask, patch_size, loss_on="masked", norm_pix=False):
@@ -461,7 +460,7 @@ def reconstruction_loss(pred, imgs, mask, patch_size, loss_on="masked", norm_pix
     """
     target = patchify(imgs, patch_size)  # [B, N, P]
     if norm_pix:
-        mean, std = patch_stats(imgs, patch_size)
+        mean, std = patch_stats(target)
         target = (target - mean) / std
     per_patch = ((patchify(pred, patch_size) - target) ** 2).mean(dim=-1)  # [B, N]
     if loss_on == "all" or mask.sum() == 0:  # with nothing masked (mask ratio 0), score every pixel
@@ -475,7 +474,7 @@ def to_pixels(pred, imgs, patch_size, norm_pix):
     patch's true mean and contrast from the image, so a norm-pix PSNR is not comparable with a plain one."""
     if not norm_pix:
         return pred
-    mean, std = patch_stats(imgs, patch_size)
+    mean, std = patch_stats(patchify(imgs, patch_size))
     return unpatchify(patchify(pred, patch_size) * std + mean, patch_size, *imgs.shape[-2:])
 
 

@@ -313,7 +313,7 @@ def train_step(ddp_model, batches, optimizer, scaler, progress, batch_size, accu
     loss_sum, seen = 0.0, 0
     for micro in range(accum_iter):
         skipped, read = batches.skipped, batches.read
-        batch = next(batches, None)  # batches: data.ReadableBatches, past whole batches of unreadable files
+        batch = next(batches, None)  # batches: engine.ReadableBatches, past whole batches of unreadable files
         progress.sums[2] += batches.skipped - skipped
         progress.epoch_items += (batches.read - read) * batch_size
         if any_process(batch is None, device):  # before the forward: all take the micro-step or none

@@ -117,7 +117,7 @@ def tiny_pixel_model(**kw):
 
 def test_to_pixels_undoes_the_norm_pix_target():
     imgs = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    mean, std = M.patch_stats(imgs, 4)  # [2, 4, 1] each
+    mean, std = M.patch_stats(M.patchify(imgs, 4))  # [2, 4, 1] each
     normed = M.unpatchify((M.patchify(imgs, 4) - mean) / std, 4, 8, 8)  # the perfect norm-pix prediction
     assert M.reconstruction_loss(normed, imgs, torch.ones(2, 4), 4, norm_pix=True) < 1e-10
     assert torch.allclose(M.to_pixels(normed, imgs, 4, True), imgs, atol=1e-5)
