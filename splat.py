@@ -31,8 +31,10 @@ Depth both orders the Gaussians (no gradient: the order is piecewise constant) a
 `rasterize_torch` below is the spec: dense [B, HW, K] tensors, exact rules, float32 or float64, autograd.
 The fast kernels (splat_cpu.cpp, splat_cuda.cu; per-pixel math shared in splat_kernel.h) are tile-based,
 cost pixels x Gaussians-per-pixel instead of pixels x K, and are checked against it in value and gradient
-(tests/test_splat_backends.py). render(..., backend="auto" | "torch" | "cpu" | "cuda"); the kernels compile on
-first use (about 20 s, then cached on disk), and available_backends() lists those that work here.
+(tests/test_splat_backends.py). render(..., backend="auto" | "torch" | "cpu" | "cuda" | "cuda-sim"); the
+kernels compile on first use (about 20 s, then cached on disk), and available_backends() lists those that work
+here. "cuda-sim" runs splat_cuda.cu itself on the CPU, one GPU thread at a time (cuda_sim.h): slow, for tests and
+for reading; "auto" never picks it.
 
 Shapes: B images, K Gaussians, H x W pixels.
     gaussians [B, K, 14] -> render -> image [B, 3, H, W]
@@ -186,8 +188,9 @@ def rasterize_torch(means2d, conic, depth, rgb, opacity, H, W, background=1.0):
 # the conic (the camera's J), exactly as in the reference; the depth sort key itself gets none.
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_KERNEL_SOURCES = {"cpu": "splat_cpu.cpp", "cuda": "splat_cuda.cu"}
+_KERNEL_SOURCES = {"cpu": "splat_cpu.cpp", "cuda": "splat_cuda.cu", "cuda-sim": "splat_cuda_sim.cpp"}
 _KERNEL_HEADERS = ("splat_kernel.h", "splat_checks.h")  # every local header the sources include
+_SIM_FILES = ("splat_cuda.cu", "cuda_sim.h")  # what splat_cuda_sim.cpp includes besides those
 _extensions = {}  # backend -> compiled module, or the exception its build raised (so it is tried once)
 _warned_fallback = False
 
@@ -209,7 +212,7 @@ def _version_define(backend):
     newer mtime (cp -p, tar, rsync -t, a clock behind) would slip through and the old kernel would load;
     with the contents' hash in the flags, any edit of the source or a header is a new build.
     """
-    files = [_KERNEL_SOURCES[backend], *_KERNEL_HEADERS]
+    files = [_KERNEL_SOURCES[backend], *_KERNEL_HEADERS, *(_SIM_FILES if backend == "cuda-sim" else ())]
     return f"-DSPLAT_SOURCE_HASH={_content_hash([os.path.join(_HERE, f) for f in files])}"
 
 
@@ -244,12 +247,14 @@ def _cuda_arch():
 
 
 class BackendUnavailable(RuntimeError):
-    """A compiled backend ("cpu" or "cuda") that cannot be built or loaded here; the message holds the reason."""
+    """A compiled backend ("cpu", "cuda", "cuda-sim") that cannot be built or loaded here; the message holds the
+    reason."""
 
 
 def _load_extension(backend):
-    """The compiled module of "cpu" or "cuda", built on first use; BackendUnavailable (with the compiler's output)
-    if it cannot be built or loaded. Successes and failures are both remembered for the process."""
+    """The compiled module of "cpu", "cuda" or "cuda-sim", built on first use; BackendUnavailable (with the
+    compiler's output) if it cannot be built or loaded. Successes and failures are both remembered for the
+    process."""
     if backend not in _extensions:
         try:
             if backend == "cuda" and not torch.cuda.is_available():
@@ -258,9 +263,9 @@ def _load_extension(backend):
 
             flags = ["-O3", _version_define(backend)]
             openmp = ["-fopenmp"] if backend == "cpu" else []
-            suffix, cpu_only = _cpu_simd() if backend == "cpu" else (_cuda_arch(), [])
+            suffix, cpu_only = {"cpu": _cpu_simd, "cuda": lambda: (_cuda_arch(), [])}.get(backend, lambda: ("", []))()
             _extensions[backend] = load(
-                name=f"splat_{backend}{suffix}_ext",
+                name=f"splat_{backend.replace('-', '_')}{suffix}_ext",
                 sources=[os.path.join(_HERE, _KERNEL_SOURCES[backend])],
                 extra_cflags=flags + openmp + cpu_only,
                 extra_cuda_cflags=flags,
@@ -275,8 +280,9 @@ def _load_extension(backend):
 
 
 def available_backends():
-    """Backends that work on this machine: "torch" always, "cpu" if it builds, "cuda" if there is a GPU and
-    it builds. Calling this compiles the kernels (once per process; cached on disk across processes)."""
+    """Backends for work on this machine: "torch" always, "cpu" if it builds, "cuda" if there is a GPU and
+    it builds. Calling this compiles the kernels (once per process; cached on disk across processes).
+    "cuda-sim", a simulator for tests, is not listed: it is asked for by name."""
     names = ["torch"]
     for backend in ("cpu", "cuda"):
         try:
@@ -310,7 +316,7 @@ class _RasterizeKernel(torch.autograd.Function):
 
 def _rasterize_kernel(backend, means2d, conic, depth, rgb, opacity, H, W, background=1.0):
     ext = _load_extension(backend)
-    device = "cuda" if backend == "cuda" else "cpu"
+    device = "cuda" if backend == "cuda" else "cpu"  # cuda-sim runs the CUDA kernels on CPU tensors
     if means2d.device.type != device:
         raise ValueError(f"backend {backend!r} needs {device} tensors, got {means2d.device}; use backend='auto'")
     return _RasterizeKernel.apply(ext, means2d, conic, depth, rgb, opacity, int(H), int(W), float(background))
@@ -341,8 +347,9 @@ _RASTERIZERS = {
     "torch": rasterize_torch,
     "cpu": functools.partial(_rasterize_kernel, "cpu"),
     "cuda": functools.partial(_rasterize_kernel, "cuda"),
+    "cuda-sim": functools.partial(_rasterize_kernel, "cuda-sim"),
 }
-BACKENDS = ("auto", "torch", "cpu", "cuda")
+BACKENDS = ("auto", "torch", "cpu", "cuda", "cuda-sim")
 
 
 def check_opacity(opacity):

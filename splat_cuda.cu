@@ -27,15 +27,39 @@
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <vector>
 
 #include "splat_checks.h"
 #include "splat_kernel.h"
+
+// The only lines that differ when splat_cuda_sim.cpp compiles this file as C++ for the CPU, where cuda_sim.h
+// runs the kernels thread by thread (backend "cuda-sim": tests, docs/walkthrough.md 6). Every launch goes
+// through launch().
+#ifdef SPLAT_CUDA_SIM
+#include "cuda_sim.h"
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+inline cudaStream_t current_stream() { return nullptr; }
+using cuda_sim::launch;
+constexpr c10::DeviceType DEVICE = at::kCPU;
+constexpr const char* BACKEND = "cuda-sim";
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), int blocks, int threads, cudaStream_t stream, Args... args) {
+  kernel<<<blocks, threads, 0, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+constexpr c10::DeviceType DEVICE = at::kCUDA;
+constexpr const char* BACKEND = "cuda";
+#endif
 
 namespace {
 
@@ -92,10 +116,8 @@ std::vector<at::Tensor> bin_gaussians(const Inputs<scalar_t>& in, const at::Tens
     return {at::zeros({int64_t(B) * grid.n_tiles() + 1}, long_opts), at::empty({0}, long_opts.dtype(at::kInt))};
   at::Tensor tile_rects = at::empty({n, 4}, long_opts.dtype(at::kInt));
   at::Tensor counts = at::empty({n}, long_opts);
-  count_tiles_kernel<<<blocks_for(n), THREADS_1D, 0, stream>>>(in, order.data_ptr<int64_t>(), B, K, grid,
-                                                               tile_rects.data_ptr<int32_t>(),
-                                                               counts.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(count_tiles_kernel<scalar_t>, blocks_for(n), THREADS_1D, stream, in, order.data_ptr<int64_t>(), B, K, grid,
+         tile_rects.data_ptr<int32_t>(), counts.data_ptr<int64_t>());
   const at::Tensor ends = at::cumsum(counts, 0);  // inclusive prefix sum: one past each Gaussian's last slot
   // A host sync every forward (the other is splat.check_opacity): the pair count sizes the buffers below, so
   // the CPU waits here for the counting kernel and the GPU queue drains. Not yet measured; to be measured on
@@ -103,11 +125,8 @@ std::vector<at::Tensor> bin_gaussians(const Inputs<scalar_t>& in, const at::Tens
   const int64_t total = ends[n - 1].item<int64_t>();
   at::Tensor keys = at::empty({total}, long_opts);
   at::Tensor values = at::empty({total}, long_opts.dtype(at::kInt));
-  emit_pairs_kernel<<<blocks_for(n), THREADS_1D, 0, stream>>>(order.data_ptr<int64_t>(), B, K, grid,
-                                                              tile_rects.data_ptr<int32_t>(),
-                                                              ends.data_ptr<int64_t>(), keys.data_ptr<int64_t>(),
-                                                              values.data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(emit_pairs_kernel, blocks_for(n), THREADS_1D, stream, order.data_ptr<int64_t>(), B, K, grid,
+         tile_rects.data_ptr<int32_t>(), ends.data_ptr<int64_t>(), keys.data_ptr<int64_t>(), values.data_ptr<int32_t>());
   // Stable: pairs were written front to back, so each tile's run stays in depth order.
   const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor tile_ids = values.index_select(0, std::get<1>(sorted));
@@ -229,11 +248,11 @@ __global__ void __launch_bounds__(BLOCK)
 std::vector<at::Tensor> forward(const at::Tensor& means2d, const at::Tensor& conic, const at::Tensor& rgb,
                                 const at::Tensor& opacity, const at::Tensor& order, int64_t H, int64_t W,
                                 double background) {
-  splat::check_inputs(means2d, conic, rgb, opacity, at::kCUDA, "cuda");
+  splat::check_inputs(means2d, conic, rgb, opacity, DEVICE, BACKEND);
   splat::check_order(order, means2d, opacity);
   TORCH_CHECK(H > 0 && W > 0, "image size must be positive, got ", H, " x ", W);
-  const c10::cuda::CUDAGuard guard(means2d.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(means2d.device());
+  const cudaStream_t stream = current_stream();
   const int B = int(means2d.size(0)), K = int(means2d.size(1));
   const Grid grid = splat::make_grid(int(H), int(W));
   const auto options = means2d.options();
@@ -245,10 +264,9 @@ std::vector<at::Tensor> forward(const at::Tensor& means2d, const at::Tensor& con
     const auto in = inputs<scalar_t>(means2d, conic, rgb, opacity);
     lists = bin_gaussians(in, order, B, K, grid, stream);
     if (int64_t(B) * grid.n_tiles() == 0) return;
-    forward_kernel<<<B * grid.n_tiles(), BLOCK, 0, stream>>>(
-        in, lists[0].data_ptr<int64_t>(), lists[1].data_ptr<int32_t>(), K, grid, scalar_t(background),
-        image.data_ptr<scalar_t>(), final_T.data_ptr<scalar_t>(), n_contrib.data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(forward_kernel<scalar_t>, B * grid.n_tiles(), BLOCK, stream, in, lists[0].data_ptr<int64_t>(),
+           lists[1].data_ptr<int32_t>(), K, grid, scalar_t(background), image.data_ptr<scalar_t>(),
+           final_T.data_ptr<scalar_t>(), n_contrib.data_ptr<int32_t>());
   });
   return {image, final_T, n_contrib, lists[0], lists[1]};
 }
@@ -258,22 +276,21 @@ at::Tensor backward(const at::Tensor& means2d, const at::Tensor& conic, const at
                     const at::Tensor& opacity, const at::Tensor& final_T, const at::Tensor& n_contrib,
                     const at::Tensor& tile_offsets, const at::Tensor& tile_ids, const at::Tensor& grad_image,
                     double background) {
-  splat::check_inputs(means2d, conic, rgb, opacity, at::kCUDA, "cuda");
+  splat::check_inputs(means2d, conic, rgb, opacity, DEVICE, BACKEND);
   // Sizes, dtypes, devices and layout only: checking the offsets' values would cost a device-to-host copy.
   splat::check_saved(means2d, final_T, n_contrib, tile_offsets, tile_ids, grad_image);
-  const c10::cuda::CUDAGuard guard(means2d.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(means2d.device());
+  const cudaStream_t stream = current_stream();
   const int B = int(means2d.size(0)), K = int(means2d.size(1));
   const int H = int(final_T.size(1)), W = int(final_T.size(2));
   const Grid grid = splat::make_grid(H, W);
   at::Tensor grads = at::zeros({B, K, splat::GRAD_DIM}, means2d.options());
   AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "splat_cuda_backward", [&] {
     if (int64_t(B) * grid.n_tiles() == 0) return;
-    backward_kernel<<<B * grid.n_tiles(), BLOCK, 0, stream>>>(
-        inputs<scalar_t>(means2d, conic, rgb, opacity), tile_offsets.data_ptr<int64_t>(),
-        tile_ids.data_ptr<int32_t>(), K, grid, scalar_t(background), final_T.data_ptr<scalar_t>(),
-        n_contrib.data_ptr<int32_t>(), grad_image.data_ptr<scalar_t>(), grads.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(backward_kernel<scalar_t>, B * grid.n_tiles(), BLOCK, stream, inputs<scalar_t>(means2d, conic, rgb, opacity),
+           tile_offsets.data_ptr<int64_t>(), tile_ids.data_ptr<int32_t>(), K, grid, scalar_t(background),
+           final_T.data_ptr<scalar_t>(), n_contrib.data_ptr<int32_t>(), grad_image.data_ptr<scalar_t>(),
+           grads.data_ptr<scalar_t>());
   });
   return grads;
 }

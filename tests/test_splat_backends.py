@@ -8,7 +8,10 @@ clamp, the T <= 1e-4 stop, opacity 0, tiny and off-image Gaussians, depth ties, 
 image sizes. A short Adam run checks that training with the cpu kernel follows the reference.
 
 "cpu" must build wherever a C++ compiler is (a failed build FAILS here, it is not skipped); "cuda" runs
-only where torch sees a GPU. The one-time compile (about 20 s) is cached on disk by torch.
+only where torch sees a GPU. "cuda-sim" is splat_cuda.cu itself, compiled for the CPU and run one GPU thread at a
+time by cuda_sim.h: every test here runs it under two schedules (warp-greedy: one warp as far as the barriers
+let it before the next; shuffled), so the CUDA source is checked on every machine. The one-time compiles
+(about 20 s each) are cached on disk by torch.
 
 Run:  pytest -q tests/test_splat_backends.py
 """
@@ -34,6 +37,8 @@ KERNELS = [
         "cuda",
         marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="cuda backend needs a CUDA GPU (none here)"),
     ),
+    "cuda-sim@warp-greedy:1",  # backend@CUDA_SIM_SCHEDULE
+    "cuda-sim@shuffled:2",
 ]
 
 # Float32 kernels vs the float64 reference: the difference is float32 rounding in projection and compositing,
@@ -47,9 +52,14 @@ TOL = {
 
 @pytest.fixture(scope="module", params=KERNELS)
 def backend(request):
-    """A compiled backend, built once per test session (and cached on disk across sessions)."""
-    splat._load_extension(request.param)  # raises RuntimeError with the compiler output: the test fails
-    return request.param
+    """A compiled backend, built once per test session (and cached on disk across sessions); cuda-sim runs
+    under the schedule its parameter names."""
+    name, _, schedule = request.param.partition("@")
+    splat._load_extension(name)  # raises RuntimeError with the compiler output: the test fails
+    with pytest.MonkeyPatch.context() as env:
+        if schedule:
+            env.setenv("CUDA_SIM_SCHEDULE", schedule)
+        yield name
 
 
 def device_of(backend):
@@ -229,9 +239,10 @@ def test_early_stop_under_50_opaque_gaussians(backend, dtype):
 
 def test_auto_picks_the_kernel_for_the_device(backend):
     g = splat.random_gaussians(1, 20, generator=torch.Generator().manual_seed(11)).to(device_of(backend))
-    kernel = splat.render(g, 9, 9, backend=backend)
+    picked = "cpu" if backend == "cuda-sim" else backend  # the simulator is never picked: it is for tests
+    kernel = splat.render(g, 9, 9, backend=picked)
     assert torch.equal(splat.render(g, 9, 9, backend="auto"), kernel)
-    assert backend in splat.available_backends()
+    assert picked in splat.available_backends() and "cuda-sim" not in splat.available_backends()
 
 
 def test_failed_build_falls_back_once_and_explicit_use_raises(monkeypatch):
@@ -266,9 +277,8 @@ def test_saves_no_per_pixel_gaussian_tensor(backend):
     assert max(t.numel() for t in saved) < B * H * W * K / 100
 
 
-def test_cpu_gradients_do_not_depend_on_thread_count(backend):
-    if backend != "cpu":
-        pytest.skip("thread count is a property of the OpenMP backend")
+def test_cpu_gradients_do_not_depend_on_thread_count():
+    splat._load_extension("cpu")
     g = splat.random_gaussians(4, 200, generator=torch.Generator().manual_seed(14))
     threads = torch.get_num_threads()
     results = []
@@ -281,9 +291,7 @@ def test_cpu_gradients_do_not_depend_on_thread_count(backend):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-def test_cpu_build_is_named_for_its_instruction_set(backend):
-    if backend != "cpu":
-        pytest.skip("the instruction-set choice is the cpu kernel's")
+def test_cpu_build_is_named_for_its_instruction_set():
     simd, flags = splat._cpu_simd()
     assert splat._load_extension("cpu").__name__ == f"splat_cpu{simd}_ext"
     assert "-fno-trapping-math" in flags and (("-mavx2" in flags) == (simd == "_avx2"))
@@ -338,12 +346,12 @@ def test_training_curve_matches_reference(backend, dtype):
 # ---------------------------------------------------------------------------------------------------------
 # Edge cases every backend must handle alike: no Gaussians, opacity outside [0, 1], malformed backward input.
 
-ALL_BACKENDS = ["torch"] + KERNELS
+ALL_BACKENDS = ["torch", *KERNELS[:2], "cuda-sim"]
 
 
 def loaded(backend):
     if backend != "torch":
-        splat._load_extension(backend)  # a failed cpu build fails the test
+        splat._load_extension(backend)  # a failed cpu or cuda-sim build fails the test
     return backend
 
 
@@ -373,7 +381,7 @@ def test_zero_gaussians_agree_across_backends():
     weights = torch.rand(3, 3, 9, 4, generator=torch.Generator().manual_seed(20), dtype=F64)
     ref_image, ref_grad = render_and_grad(g, 9, 4, "torch", weights)
     assert torch.equal(ref_image, torch.ones(3, 3, 9, 4, dtype=F64)) and ref_grad.shape == (3, 0, 14)
-    for backend in splat.available_backends():
+    for backend in [*splat.available_backends(), "cuda-sim"]:
         image, grad = render_and_grad(g, 9, 4, backend, weights)
         assert torch.equal(image, ref_image) and grad.shape == ref_grad.shape, backend
 
@@ -508,7 +516,7 @@ def forward_args(backend, B=2, K=12, H=20, W=18):
 def test_forward_rejects_malformed_inputs(backend, name, make_bad, message):
     ext, args = forward_args(backend)
     args[name] = make_bad(args[name])
-    with pytest.raises(RuntimeError, match=message.format(backend=backend, DEVICE=backend.upper())):
+    with pytest.raises(RuntimeError, match=message.format(backend=backend, DEVICE=device_of(backend).type.upper())):
         ext.forward(*args.values(), 20, 18, 1.0)
 
 
@@ -518,23 +526,28 @@ def test_forward_rejects_malformed_inputs(backend, name, make_bad, message):
 
 def test_kernel_headers_are_every_local_include():
     included = set()
-    for name in [*splat._KERNEL_SOURCES.values(), *splat._KERNEL_HEADERS]:
+    for name in [*splat._KERNEL_SOURCES.values(), *splat._KERNEL_HEADERS, *splat._SIM_FILES]:
         with open(os.path.join(splat._HERE, name)) as f:
             included |= set(re.findall(r'^#include "([^"]+)"', f.read(), flags=re.M))
-    assert included == set(splat._KERNEL_HEADERS)
+    assert included == {*splat._KERNEL_HEADERS, *splat._SIM_FILES}
 
 
 def test_version_define_changes_with_each_header_even_at_an_old_mtime(monkeypatch, tmp_path):
-    for name in [*splat._KERNEL_SOURCES.values(), *splat._KERNEL_HEADERS]:
+    files = {*splat._KERNEL_SOURCES.values(), *splat._KERNEL_HEADERS, *splat._SIM_FILES}
+    for name in files:
         shutil.copy2(os.path.join(splat._HERE, name), tmp_path / name)
     monkeypatch.setattr(splat, "_HERE", str(tmp_path))
-    before = {b: splat._version_define(b) for b in ("cpu", "cuda")}
-    assert re.fullmatch(r"-DSPLAT_SOURCE_HASH=[0-9a-f]{16}", before["cpu"]) and before["cpu"] != before["cuda"]
-    for name in splat._KERNEL_HEADERS:
+    before = {b: splat._version_define(b) for b in ("cpu", "cuda", "cuda-sim")}
+    assert re.fullmatch(r"-DSPLAT_SOURCE_HASH=[0-9a-f]{16}", before["cpu"]) and len(set(before.values())) == 3
+    # Which builds each file is part of: the simulator's build compiles splat_cuda.cu and cuda_sim.h too.
+    users = {"splat_cpu.cpp": {"cpu"}, "splat_cuda.cu": {"cuda", "cuda-sim"}, "splat_cuda_sim.cpp": {"cuda-sim"},
+             "cuda_sim.h": {"cuda-sim"}, **{h: set(before) for h in splat._KERNEL_HEADERS}}
+    assert set(users) == files
+    for name in sorted(files):
         path, text, mtime = tmp_path / name, (tmp_path / name).read_bytes(), os.stat(tmp_path / name).st_mtime_ns
         path.write_bytes(text + b"\n")
         os.utime(path, ns=(mtime, mtime))  # the mtime ninja compares is unchanged: only the flags tell
-        assert all(splat._version_define(b) != before[b] for b in before), name
+        assert {b for b in before if splat._version_define(b) != before[b]} == users[name], name
         path.write_bytes(text)
         assert {b: splat._version_define(b) for b in before} == before
 
