@@ -23,11 +23,16 @@ saying so.
    at one Gaussian per decoder token (the paper, g = 1) and at the g the presets pick (model.per_token_for: at
    most one query token per patch). laptop = GMAEConfig.preset("tiny") at 32 px, batch 32; paper = ViT-B/16
    at 224 px (preset("base", **PAPER)), batch 2 (--per-token-batch), which a CPU can step.
+4. --sim: the cost of the cuda-sim backend (splat_cuda.cu run one GPU thread at a time by cuda_sim.h) on scenes
+   like those of tests/test_cuda_sim.py, forward + backward, under the in-order and warp-greedy schedules, as a
+   ratio to the cpu kernel on the same scenes. cuda-sim is for tests and reading, never for work.
 
 Machines are shared and noisy: compare ratios within one run, never absolute times across runs.
 """
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import time
 from dataclasses import replace
@@ -40,6 +45,7 @@ from engine import param_groups
 from model import GMAE, PAPER, GMAEConfig, per_token_for
 
 SCENES = [(32, 64), (64, 256), (64, 1024), (128, 4096)]  # (image side, Gaussians)
+CPU = torch.device("cpu")
 TRAIN_BATCH = 32  # train.py's --batch-size default
 WEIGHT_DECAY = 0.05  # train.py's --weight-decay default (the paper's)
 
@@ -63,8 +69,9 @@ def median_ms(fn, repeats, device, warmup=1):
 
 
 def runs_on(backend, device):
-    """torch rasterizes tensors on any device; each compiled kernel only those of its own device type."""
-    return backend == "torch" or backend == device.type
+    """torch rasterizes tensors on any device; each compiled kernel only those of its own device type (cuda-sim:
+    CPU tensors)."""
+    return backend == "torch" or {"cuda-sim": "cpu"}.get(backend, backend) == device.type
 
 
 def choose_backends(requested, device):
@@ -118,6 +125,45 @@ def bench_train_step(backends, repeats, device, batch=TRAIN_BATCH):
     return {"batch": batch, "img_size": cfg.img_size, "gaussians": cfg.num_gaussians, "ms": ms,
             "ratio_to_mae": {name: ms[name] / ms["mae"] for name in ms if name != "mae"},
             "render_ms": render_ms, "render_share": {b: render_ms[b] / ms[f"gmae/{b}"] for b in backends}}
+
+
+SIM_SCENES = [(16, 16, 1, 300), (16, 16, 1, 600), (37, 23, 2, 90), (32, 32, 2, 256)]  # H, W, B, K
+SIM_SCHEDULES = ("in-order", "warp-greedy:1")
+
+
+def bench_sim(repeats):
+    """Forward + backward ms of the cpu kernel and of cuda-sim under each of SIM_SCHEDULES, per scene of
+    SIM_SCENES (on the CPU), and cuda-sim's slowdown against the cpu kernel."""
+    rows = []
+    for H, W, B, K in SIM_SCENES:
+        g = splat.random_gaussians(B, K, generator=torch.Generator().manual_seed(K)).requires_grad_()
+
+        def step(backend):
+            splat.render(g, H, W, backend=backend).sum().backward()
+            g.grad = None
+
+        ms = {"cpu": median_ms(lambda: step("cpu"), repeats, CPU)}
+        for schedule in SIM_SCHEDULES:
+            with scoped_env("CUDA_SIM_SCHEDULE", schedule):
+                ms[f"cuda-sim {schedule}"] = median_ms(lambda: step("cuda-sim"), repeats, CPU)
+        rows.append({"scene": f"{H}x{W}/B{B}/K{K}", "ms": ms,
+                     "slowdown": {name: t / ms["cpu"] for name, t in ms.items() if name != "cpu"}})
+        print(f"{rows[-1]['scene']:>16}: cpu {ms['cpu']:.1f} ms, " + ", ".join(
+            f"{name} {ms[name]:.1f} ms ({x:.0f}x)" for name, x in rows[-1]["slowdown"].items()), flush=True)
+    return rows
+
+
+@contextlib.contextmanager
+def scoped_env(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 PER_TOKEN_SCALES = {"laptop": (dict(), 32), "paper": (PAPER, 2)}  # preset("tiny" / "base") overrides, batch
@@ -199,9 +245,14 @@ def main(argv=None):
                    help="only the Gaussians-per-token step ratios at these scales (section 3)")
     p.add_argument("--per-token-ks", nargs="+", type=int, default=list(PER_TOKEN_KS))
     p.add_argument("--per-token-batch", type=int, default=None, help="batch (default: 32 laptop, 2 paper)")
+    p.add_argument("--sim", action="store_true", help="only the cuda-sim backend's cost against cpu (section 4)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.train_repeats = 2, 2
+    if args.sim:
+        print("cuda-sim vs the cpu kernel, forward + backward, median ms (slowdown)")
+        return write_json({"threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "sim": bench_sim(args.repeats)}, args.json)
     device = parse_device(args.device)
     backends, skipped = choose_backends(args.splat or splat.available_backends(), device)
     if args.per_token:

@@ -82,7 +82,7 @@ inline void jump(Fiber& from, Fiber& to) { swapcontext(&from.context, &to.contex
 enum State { READY, AT_BARRIER, AT_WARP_OP, EXITED };
 enum Op { BARRIER, SHFL_DOWN, ANY };
 enum Schedule { IN_ORDER, REVERSED, SHUFFLED, WARP_GREEDY };
-inline const char* const OP_NAMES[] = {"__syncthreads", "__shfl_down_sync", "__any_sync"};
+inline const char* const OP_NAMES[] = {"barrier", "__shfl_down_sync", "__any_sync"};  // barrier: __syncthreads[_count]
 inline const char* const SCHEDULES[] = {"in-order", "reversed", "shuffled", "warp-greedy"};
 
 // A thread: where it stopped (operation, source line), and that warp operation's arguments, operand and result (raw

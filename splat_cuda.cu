@@ -2,8 +2,9 @@
  * splat_cuda.cu -- tile-based Gaussian rasterizer for NVIDIA GPUs, forward and backward.
  *
  * The same algorithm as splat_cpu.cpp, on the same per-pixel math (splat_kernel.h) and argument checks
- * (splat_checks.h); checked against `rasterize_torch` in splat.py (the spec) by tests/test_splat_backends.py
- * when a GPU is present.
+ * (splat_checks.h); checked against `rasterize_torch` in splat.py (the spec) by tests/test_splat_backends.py,
+ * on a GPU and, on every machine, under cuda_sim.h, which runs this very file on the CPU one GPU thread at a
+ * time (backend "cuda-sim", tests/test_cuda_sim.py).
  *
  *   1. bin:      one thread per Gaussian counts the 16 x 16 tiles its culling box meets; a prefix sum gives
  *                each Gaussian its slots; a second pass writes (image * n_tiles + tile, Gaussian) pairs,

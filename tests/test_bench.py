@@ -1,6 +1,7 @@
 """bench.py: every backend is timed on one device, the ratios are the quotients of the times it reports,
 backends that cannot run on the device are skipped, the dense reference is skipped by size."""
 import json
+import os
 
 import pytest
 import torch
@@ -77,3 +78,16 @@ def test_quick_run_on_cuda_renders_and_trains_only_on_the_gpu(small_scenes, monk
     result = bench.main(["--device", "cuda", "--quick", "--batch", "2", "--train-batch", "4"])
     assert result["device"].startswith("cuda") and devices == {"cuda"}
     assert "cpu" not in result["backends"] and "torch" in result["render"][0]["ms"]
+
+
+def test_sim_section_times_cuda_sim_under_each_schedule_against_cpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "SIM_SCENES", [(16, 16, 1, 20), (17, 9, 2, 12)])
+    monkeypatch.setenv("CUDA_SIM_SCHEDULE", "reversed")  # bench sets its own, then puts this back
+    result = bench.main(["--sim", "--quick", "--json", str(tmp_path / "sim.json")])
+    assert result == json.loads((tmp_path / "sim.json").read_text())
+    assert [row["scene"] for row in result["sim"]] == ["16x16/B1/K20", "17x9/B2/K12"]
+    for row in result["sim"]:
+        names = [f"cuda-sim {s}" for s in bench.SIM_SCHEDULES]
+        assert set(row["ms"]) == {"cpu", *names} and all(ms > 0 for ms in row["ms"].values())
+        assert row["slowdown"] == {n: pytest.approx(row["ms"][n] / row["ms"]["cpu"], rel=1e-12) for n in names}
+    assert os.environ["CUDA_SIM_SCHEDULE"] == "reversed"

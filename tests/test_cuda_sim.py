@@ -16,6 +16,7 @@ Run:  pytest -q tests/test_cuda_sim.py       (watch a block:  CUDA_SIM_TRACE=0, 
 """
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -167,7 +168,7 @@ def test_trace_prints_one_blocks_timeline_in_schedule_order(kernels, monkeypatch
                      f"  warp 0 lanes  0-31 ran to {barrier}", f"  warp 1 lanes  0-31 ran to {barrier}",
                      f"{barrier}: all in, count 64",
                      "  warp 0 lanes  0-31 ran to the end", "  warp 1 lanes  0-31 ran to the end"]
-    assert barrier.startswith("__syncthreads (line ")
+    assert barrier.startswith("barrier (line ")
     monkeypatch.setenv("CUDA_SIM_SCHEDULE", "shuffled:1")  # a thread at a time, at random
     launch(kernels, "neighbour_warp", 2, 64, x, out, 1)
     lines = capfd.readouterr().err.splitlines()
@@ -300,3 +301,17 @@ def test_cuda_sim_is_never_picked_by_auto_and_has_the_cuda_checks(sim):
     with pytest.raises(RuntimeError, match="splat cuda-sim backend: inputs must be contiguous, conic is not"):
         sim.forward(means2d, conic.transpose(0, 1).contiguous().transpose(0, 1).repeat(1, 1, 2)[..., ::2], rgb,
                     opacity, splat.depth_order(depth), 8, 8, 1.0)
+
+
+def test_walkthrough_names_the_lines_the_trace_prints():
+    """docs/walkthrough.md quotes a trace of splat_cuda.cu: each operation and line it names is on that line."""
+    with open(os.path.join(ROOT, "docs", "walkthrough.md")) as f:
+        text = f.read()
+    with open(os.path.join(ROOT, "splat_cuda.cu")) as f:
+        source = f.read().splitlines()
+    quoted = re.findall(r"(barrier|__shfl_down_sync|__any_sync|warp_add)`?,? \(?line (\d+)[):]", text)
+    assert len(quoted) >= 6, quoted
+    for op, line in quoted:
+        code = source[int(line) - 1]
+        want = {"barrier": "__syncthreads", "warp_add": "__shfl_down_sync"}.get(op, op)
+        assert want in code, (op, line, code)
