@@ -123,6 +123,58 @@ def project(gaussians, H, W):
     return means2d, conic, zc, rgb, opacity, extent
 
 
+def rotmat_to_quat(R):
+    """Rotation matrix [..., 3, 3] (det +1) -> unit quaternion (w, x, y, z) [..., 4] with w >= 0, the inverse of
+    quat_to_rotmat. Each quaternion is read off the largest of 1 + trace, 1 + 2 R_xx - trace, ... so that no
+    division is by a number near 0 (Shepperd 1978)."""
+    r = R.reshape(-1, 3, 3)
+    t = r.diagonal(dim1=-2, dim2=-1)  # [N, 3]
+    cands = torch.stack([1 + t.sum(-1), 1 + 2 * t[:, 0] - t.sum(-1), 1 + 2 * t[:, 1] - t.sum(-1),
+                         1 + 2 * t[:, 2] - t.sum(-1)], -1)  # 4 w^2, 4 x^2, 4 y^2, 4 z^2
+    best = cands.argmax(-1)
+    s = cands.gather(-1, best[:, None]).clamp_min(1e-30).sqrt()[:, 0]  # 2 |q_best|
+    a, b, c = r[:, 2, 1] - r[:, 1, 2], r[:, 0, 2] - r[:, 2, 0], r[:, 1, 0] - r[:, 0, 1]  # 4 w x, 4 w y, 4 w z
+    d, e, f = r[:, 0, 1] + r[:, 1, 0], r[:, 0, 2] + r[:, 2, 0], r[:, 1, 2] + r[:, 2, 1]  # 4 x y, 4 x z, 4 y z
+    q = torch.stack([torch.stack([s * s, a, b, c], -1), torch.stack([a, s * s, d, e], -1),
+                     torch.stack([b, d, s * s, f], -1), torch.stack([c, e, f, s * s], -1)], 1)  # [N, 4 cases, 4]
+    q = q[torch.arange(len(r)), best] / (2 * s[:, None])
+    q = q * torch.where(q[:, :1] < 0, -1.0, 1.0).to(q)  # q and -q are one rotation: keep w >= 0
+    return (q / q.norm(dim=-1, keepdim=True)).reshape(*R.shape[:-2], 4)
+
+
+def to_pinhole(gaussians, H, W, min_scale=1e-6):
+    """The Gaussians [K, 14] as a 3-D scene that a standard pinhole camera draws as `project` does at H x W
+    (docs/design.md 2): the camera at the origin looking along +z, x right, y down (the 3DGS / COLMAP frame),
+    focal f = W / 2 on both axes (square pixels: the scene keeps the picture's aspect), principal point
+    (W / 2, H / 2), pixel centres at i + 0.5.
+
+    Centres are unprojected along the pixel ray `project` gives them, at the depth its footprint uses:
+        Z = z + 8,  X = x Z,  Y = y Z r  with r = H / W,  so f X / Z + W / 2 = (x + 1) W / 2, and likewise v.
+    Footprints: at (X, Y, Z) a pinhole's EWA Jacobian is J_p = [[f/Z, 0, -f X/Z^2], [0, f/Z, -f Y/Z^2]], while
+    `project`'s J has H/2 on its second row and off-axis terms 1/Z of a pinhole's (it uses the world x where a
+    pinhole has X = x Z). J_p A = J for A = [[1, 0, x (1 - 1/Z)], [0, r, r y (1 - 1/Z)], [0, 0, 1]], so the pinhole
+    draws A Sigma3 A^T exactly as `project` draws Sigma3; its eigenvectors and the roots of its eigenvalues are the
+    scene's rotation and scales (at least min_scale, so a viewer's log never meets 0).
+    Returns Gaussians [K, 14] in the camera's frame (float64) and the camera as a dict (fx, fy, cx, cy, W, H)."""
+    g = gaussians.detach().double()
+    if g.dim() != 2 or not torch.isfinite(g).all():
+        raise ValueError(f"to_pinhole takes finite Gaussians [K, 14], got shape {tuple(g.shape)}"
+                         + ("" if g.dim() != 2 else " with NaN or inf"))
+    xyz, scale, quat, rgb, opacity = split_gaussians(g)
+    x, y, z = xyz.unbind(-1)
+    Z, r = z + CAMERA_DISTANCE, H / W
+    centres = torch.stack([x * Z, y * Z * r, Z], -1)
+    A = torch.zeros(len(g), 3, 3, dtype=g.dtype)
+    A[:, 0, 0], A[:, 1, 1], A[:, 2, 2] = 1, r, 1
+    A[:, 0, 2], A[:, 1, 2] = x * (1 - 1 / Z), r * y * (1 - 1 / Z)
+    sigma = A @ covariance3d(scale, quat) @ A.transpose(-1, -2)
+    eigenvalues, R = torch.linalg.eigh(sigma)
+    R = R * torch.where(torch.linalg.det(R) < 0, -1.0, 1.0).to(R)[:, None, None]  # a rotation, not a reflection
+    scales = eigenvalues.clamp_min(min_scale**2).sqrt()
+    scene = torch.cat([centres, scales, rotmat_to_quat(R), rgb, opacity[:, None]], -1)
+    return scene, {"fx": W / 2, "fy": W / 2, "cx": W / 2, "cy": H / 2, "W": W, "H": H}
+
+
 def depth_order(depth):
     """Indices sorting each image's Gaussians front to back; a stable sort breaks ties by Gaussian index."""
     return torch.sort(depth, dim=-1, stable=True).indices

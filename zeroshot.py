@@ -38,7 +38,7 @@ and the renders there:
     python zeroshot.py figure-ground img.jpg             <name>_fg.png mask (input size), <name>_fg_overlay.png
     python zeroshot.py edges  img.jpg [--tiles 96]        <name>.png soft edges, input size, white = edge (BSDS layout)
     python zeroshot.py gaussians img.jpg                  <name>_gaussians.png: centres, scale vs depth (Fig. 10)
-    python zeroshot.py export img.jpg                     <name>.ply in the 3DGS layout (see write_ply)
+    python zeroshot.py export img.jpg                     <name>.ply + <name>_cameras.json: a 3DGS scene and camera
     python zeroshot.py eval-edges --pred DIR --gt DIR     ODS / OIS / AP of `edges` PNGs against BSDS .mat boundaries
     python zeroshot.py eval-edges --split val | --synthetic 200            GMAE, its controls and Sobel, scored
     python zeroshot.py eval-fg [--masks DIR | --synthetic 200 [--anywhere]]   IoU, F of figure-ground vs controls
@@ -49,6 +49,7 @@ Shapes: B images, K Gaussians, L layers, H x W pixels; Gaussians [B, K, 14] as i
 """
 import argparse
 import functools
+import json
 import math
 import os
 import sys
@@ -362,32 +363,57 @@ def plot_gaussians(g, img, path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# PLY export (the layout of the 3DGS reference code, Kerbl et al. 2023, which splat viewers read)
+# PLY export: a 3-D scene in the layout of the 3DGS reference code (Kerbl et al. 2023), and its camera
 
 SH_C0 = 0.28209479177387814  # the degree-0 spherical harmonic, 1 / (2 sqrt(pi))
-PLY_FIELDS = ("x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
-              "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3")
+PLY_FIELDS = ("x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", *(f"f_rest_{i}" for i in range(45)),
+              "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3")
 
 
 def write_ply(path, g):
-    """Write Gaussians [K, 14] as a binary little-endian PLY with the 3DGS vertex properties (float32):
-        x y z        centre, in this project's world frame (x right, y down, z away from the camera, which
-                     sits at z = -8 looking along +z with a 90-degree field of view: docs/design.md 2)
-        nx ny nz     0 (unused, kept for viewers that expect them)
-        f_dc_0..2    (rgb - 0.5) / SH_C0, colour as a degree-0 spherical harmonic (no f_rest: degree 0 only)
+    """Write Gaussians [K, 14] as a binary little-endian PLY with the vertex properties of 3DGS's save_ply, in its
+    order (float32), whole or not at all (a temporary file renamed over path):
+        x y z        centre
+        nx ny nz     0 (unused, kept because 3DGS writes them)
+        f_dc_0..2    (rgb - 0.5) / SH_C0, colour as a degree-0 spherical harmonic
+        f_rest_0..44 0: the view-dependent bands of SH degree 3, so the original 3DGS code loads the file with
+                     its defaults (its load_ply asserts 45 of them)
         opacity      logit(opacity), opacities clamped to [1e-6, 1 - 1e-6]
-        scale_0..2   log(scale), world units
-        rot_0..3     unit quaternion (w, x, y, z)"""
+        scale_0..2   log(scale), scales at least 1e-12
+        rot_0..3     unit quaternion (w, x, y, z); a zero one is written as the identity (1, 0, 0, 0)
+    zeroshot export passes the scene of splat.to_pinhole, in its camera's frame. Non-finite values: ValueError."""
     g = g.detach().double().cpu().numpy()
+    if not np.isfinite(g).all():
+        raise ValueError(f"{path}: the Gaussians hold NaN or inf; nothing written")
     opacity = np.clip(g[:, 13], 1e-6, 1 - 1e-6)
+    norm = np.linalg.norm(g[:, 6:10], axis=1, keepdims=True)
+    quat = np.where(norm > 1e-12, g[:, 6:10] / np.maximum(norm, 1e-12), [1.0, 0.0, 0.0, 0.0])
     cols = [g[:, 0], g[:, 1], g[:, 2], *np.zeros((3, len(g))), *((g[:, 10:13] - 0.5) / SH_C0).T,
-            np.log(opacity / (1 - opacity)), *np.log(np.maximum(g[:, 3:6], 1e-12)).T, *g[:, 6:10].T]
-    rows = np.stack(cols, axis=1).astype("<f4")
-    header = ["ply", "format binary_little_endian 1.0", f"element vertex {len(g)}"]
-    header += [f"property float {name}" for name in PLY_FIELDS] + ["end_header"]
-    with open(path, "wb") as f:
-        f.write(("\n".join(header) + "\n").encode("ascii"))
-        f.write(rows.tobytes())
+            *np.zeros((45, len(g))), np.log(opacity / (1 - opacity)), *np.log(np.maximum(g[:, 3:6], 1e-12)).T,
+            *quat.T]
+    header = ["ply", "format binary_little_endian 1.0", f"element vertex {len(g)}",
+              *(f"property float {name}" for name in PLY_FIELDS), "end_header"]
+    write_whole(path, ("\n".join(header) + "\n").encode("ascii") + np.stack(cols, axis=1).astype("<f4").tobytes())
+
+
+def write_cameras(path, name, camera):
+    """The camera of splat.to_pinhole as a 3DGS cameras.json: one entry, camera-to-world position and rotation
+    (the identity: the scene is in the camera's frame), the picture's size and focal lengths in pixels."""
+    entry = {"id": 0, "img_name": name, "width": camera["W"], "height": camera["H"], "position": [0.0, 0.0, 0.0],
+             "rotation": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], "fy": camera["fy"], "fx": camera["fx"]}
+    write_whole(path, (json.dumps([entry], indent=1) + "\n").encode())
+
+
+def write_whole(path, payload):
+    """payload to path.tmp, then renamed over path: a failed write leaves what was there."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_ply(path):
@@ -399,7 +425,7 @@ def read_ply(path):
         names = [ln.split()[-1] for ln in lines if ln.startswith("property")]
         count = int(next(ln for ln in lines if ln.startswith("element vertex")).split()[-1])
         if tuple(names) != PLY_FIELDS:
-            raise ValueError(f"{path}: expected the properties {PLY_FIELDS}, got {tuple(names)}")
+            raise ValueError(f"{path}: expected the properties of write_ply, got {tuple(names)[:12]} ...")
         rows = np.frombuffer(f.read(4 * len(names) * count), dtype="<f4").reshape(count, len(names))
     col = {n: rows[:, i].astype(np.float64) for i, n in enumerate(names)}
     xyz = np.stack([col["x"], col["y"], col["z"]], 1)
@@ -478,8 +504,12 @@ def run_gaussians(net, img, dest):
 
 
 def run_export(net, img, dest):
+    """<name>.ply: the Gaussians as the 3-D scene a pinhole camera at the origin draws as the project does at the
+    photo's size (splat.to_pinhole), and <name>_cameras.json: that camera."""
     g, _ = image_gaussians(net, img[None])
-    write_ply(dest + ".ply", g[0])
+    scene, camera = splat.to_pinhole(g[0], *img.shape[-2:])
+    write_ply(dest + ".ply", scene)
+    write_cameras(dest + "_cameras.json", os.path.basename(dest), camera)
 
 
 def run_on_images(command, files, out, write, device="cpu"):
@@ -536,7 +566,7 @@ def build_parser():
     s.add_argument("--tiles", type=int, default=None,
                    help="window size in pixels of the working image (--max-size; stride half): local detail")
     sub.add_parser("gaussians", parents=[common], help="<name>_gaussians.png: centres, scale vs depth, opacity")
-    sub.add_parser("export", parents=[common], help="<name>.ply: 3DGS layout of each image's Gaussians")
+    sub.add_parser("export", parents=[common], help="<name>.ply + <name>_cameras.json: a 3DGS scene and its camera")
     for name in IMAGE_COMMANDS:
         sub.choices[name].add_argument("images", nargs="+", help="image files and/or folders")
 

@@ -15,22 +15,26 @@ This file imports zeroshot.py's reading functions (layer_map, figure_ground, ...
 code computes, not a copy of it; it is a figure script, not a stage of the pipeline, and no script imports it.
 
 Files (docs/walkthrough/): overview.png (README), masking.png, tokens.png, queries.png, camera.png,
-compositing.png, layers.png, readings.png.
+compositing.png, layers.png, readings.png, export.png (README: the fitted Gaussians exported by zeroshot.py's
+writers and drawn by tests/gs_viewer.py, an independent renderer in the conventions of 3DGS viewers).
 """
 import colorsys
 import math
 import os
 import sys
+import tempfile
 from dataclasses import replace
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as `python docs/make_figures.py` from anywhere
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # gs_viewer: the tests' independent 3DGS-convention renderer
 
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 import data  # noqa: E402
+import gs_viewer  # noqa: E402
 import model  # noqa: E402
 import splat  # noqa: E402
 import zeroshot  # noqa: E402
@@ -364,6 +368,27 @@ def draw_readings(sc, g, g_paint):
                  readings_row(g_paint, "paint-order depth")]), "readings.png")
 
 
+def draw_export(g, H=96, W=144):
+    """export.png (README): the fitted Gaussians drawn by the project at H x W, then exported as zeroshot.py export
+    does (splat.to_pinhole, write_ply, write_cameras) and drawn by tests/gs_viewer.py as a 3DGS viewer would; last,
+    the file as exports were before the scene was placed for a pinhole camera (footprints 8 x too wide)."""
+    ours = splat.render(g.double(), H, W, backend=BACKEND)[0]
+    scene, camera = splat.to_pinhole(g[0], H, W)
+    with tempfile.TemporaryDirectory() as tmp:
+        ply, cams, old = (os.path.join(tmp, name) for name in ("scene.ply", "scene_cameras.json", "old.ply"))
+        zeroshot.write_ply(ply, scene)
+        zeroshot.write_cameras(cams, "scene", camera)
+        viewed = torch.from_numpy(gs_viewer.render(ply, cams))
+        scene[:, 3:6] *= splat.CAMERA_DISTANCE
+        zeroshot.write_ply(old, scene)
+        before = torch.from_numpy(gs_viewer.render(old, cams))
+    big = lambda x: Image.fromarray(data.to_uint8(x)).convert("RGB").resize((2 * W, 2 * H), Image.NEAREST)  # noqa: E731
+    panels = [labelled(big(ours), f"the project's render, {W} x {H}"),
+              labelled(big(viewed), f"the export in a 3DGS viewer ({gs_viewer.psnr(viewed, ours):.0f} dB)"),
+              labelled(big(before), f"before: footprints 8 x wide ({gs_viewer.psnr(before, ours):.0f} dB)")]
+    save(hstack(panels, gap=12), "export.png")
+
+
 def main():
     torch.set_num_threads(1)  # one thread: the same float order, so the same pixels, on every run
     os.makedirs(OUT, exist_ok=True)
@@ -380,6 +405,7 @@ def main():
     g_paint = paint_order_depth(g, sc["layers"])
     draw_layers(sc, g_paint)
     draw_readings(sc, g, g_paint)
+    draw_export(g)
 
 
 if __name__ == "__main__":

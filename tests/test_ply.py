@@ -3,7 +3,8 @@ a mistake made the same way in the writer and its reader would cancel out in a r
 
 The 3DGS reference code (Kerbl et al. 2023, scene/gaussian_model.py save_ply / load_ply) and the viewers that
 read its files expect, per vertex, little-endian float32 in this order
-    x y z  nx ny nz  f_dc_0 f_dc_1 f_dc_2  opacity  scale_0 scale_1 scale_2  rot_0 rot_1 rot_2 rot_3
+    x y z  nx ny nz  f_dc_0 f_dc_1 f_dc_2  f_rest_0 .. f_rest_44  opacity  scale_0 scale_1 scale_2  rot_0 .. rot_3
+(its load_ply asserts 45 f_rest_* at its default SH degree 3; ours are zero: colour does not change with view)
 and apply, on reading,
     rgb = 0.5 + C0 f_dc (C0 = 1 / (2 sqrt(pi)) = 0.28209479),  opacity = sigmoid(opacity),
     scale = exp(scale),  rotation = normalize(rot_0..3) with rot_0 = w.
@@ -19,20 +20,21 @@ import torch
 import model as M
 import zeroshot as Z
 
-FIELDS = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
-          "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+FIELDS = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", *(f"f_rest_{i}" for i in range(45)),
+          "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+ROW = 4 * len(FIELDS)  # bytes per vertex: 62 float32
 C0 = 1 / (2 * math.sqrt(math.pi))
 
 
 def read_raw(path):
-    """(header lines, rows as lists of 17 floats, bytes after the rows) parsed with struct from the file's bytes."""
+    """(header lines, rows as lists of 62 floats, bytes after the rows) parsed with struct from the file's bytes."""
     raw = open(path, "rb").read()
     end = raw.index(b"end_header\n") + len(b"end_header\n")
     lines = raw[:end].decode("ascii").splitlines()
     count = int(lines[2].split()[2])
     body = raw[end:]
-    rows = [list(struct.unpack_from("<17f", body, 68 * i)) for i in range(count)]
-    return lines, rows, body[68 * count:]
+    rows = [list(struct.unpack_from(f"<{len(FIELDS)}f", body, ROW * i)) for i in range(count)]
+    return lines, rows, body[ROW * count:]
 
 
 def sigmoid(t):
@@ -45,7 +47,8 @@ def test_ply_header_is_the_3dgs_binary_little_endian_layout(tmp_path):
     lines, rows, rest = read_raw(tmp_path / "g.ply")
     assert lines == ["ply", "format binary_little_endian 1.0", "element vertex 5",
                      *[f"property float {name}" for name in FIELDS], "end_header"]
-    assert len(rows) == 5 and rest == b""  # the body is exactly 4 bytes x 17 properties x K, nothing after it
+    assert len(rows) == 5 and rest == b""  # the body is exactly 4 bytes x 62 properties x K, nothing after it
+    assert all(row[9:54] == [0.0] * 45 for row in rows)  # f_rest_0..44
 
 
 def test_ply_values_follow_the_3dgs_conventions(tmp_path):
@@ -58,8 +61,9 @@ def test_ply_values_follow_the_3dgs_conventions(tmp_path):
     Z.write_ply(tmp_path / "g.ply", g)
     _, rows, _ = read_raw(tmp_path / "g.ply")
     expected = [
-        [0.25, -0.5, 0.75, 0, 0, 0, 1.0, 0.0, -2.0, 2.0, -1.0, -2.0, 0.0, 0.8, 0.0, 0.6, 0.0],
-        [-1.0, 1.0, -0.1, 0, 0, 0, 0.0, 0.5, 0.0, -3.0, math.log(0.5), math.log(0.25), math.log(2.0), 0, 0, 0, 1.0],
+        [0.25, -0.5, 0.75, 0, 0, 0, 1.0, 0.0, -2.0, *[0] * 45, 2.0, -1.0, -2.0, 0.0, 0.8, 0.0, 0.6, 0.0],
+        [-1.0, 1.0, -0.1, 0, 0, 0, 0.0, 0.5, 0.0, *[0] * 45, -3.0, math.log(0.5), math.log(0.25), math.log(2.0), 0, 0,
+         0, 1.0],
     ]
     for row, want in zip(rows, expected):
         assert dict(zip(FIELDS, row)) == pytest.approx(dict(zip(FIELDS, want)), abs=2e-6)
@@ -88,4 +92,5 @@ def test_opacity_of_one_or_zero_is_stored_as_a_finite_clamped_logit(tmp_path):
     Z.write_ply(tmp_path / "g.ply", g)
     _, rows, _ = read_raw(tmp_path / "g.ply")
     logit = math.log((1 - 1e-6) / 1e-6)  # opacities clamped to [1e-6, 1 - 1e-6]: 13.8155
-    assert rows[0][9] == pytest.approx(logit, rel=1e-6) and rows[1][9] == pytest.approx(-logit, rel=1e-6)
+    opacity = FIELDS.index("opacity")
+    assert rows[0][opacity] == pytest.approx(logit, rel=1e-6) and rows[1][opacity] == pytest.approx(-logit, rel=1e-6)

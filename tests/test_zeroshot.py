@@ -148,7 +148,7 @@ def test_ply_export_reads_back_the_same_gaussians(tmp_path):
     g = splat.random_gaussians(1, 50, torch.Generator().manual_seed(0))[0]
     Z.write_ply(tmp_path / "g.ply", g)
     with open(tmp_path / "g.ply", "rb") as f:
-        head = f.read(400).split(b"end_header")[0].decode()
+        head = f.read(2000).split(b"end_header")[0].decode()
     assert "element vertex 50" in head and "property float f_dc_0" in head and "property float rot_3" in head
     assert torch.allclose(Z.read_ply(tmp_path / "g.ply"), g, atol=2e-6, rtol=1e-5)
 
@@ -180,7 +180,7 @@ def test_fg_anywhere_moves_only_the_foreground():
 
 
 OUTPUTS = {"recon": ["_recon.png"], "layers": ["_layers.png"], "figure-ground": ["_fg.png", "_fg_overlay.png"],
-           "edges": [".png"], "gaussians": ["_gaussians.png"], "export": [".ply"]}  # <stem> + each
+           "edges": [".png"], "gaussians": ["_gaussians.png"], "export": [".ply", "_cameras.json"]}  # <stem> + each
 
 
 def test_no_two_commands_write_the_same_file():
@@ -207,6 +207,8 @@ def test_every_image_command_writes_one_output_per_input(ckpt, images, tmp_path,
             assert Image.open(out / f"{name}_recon.png").size == (2 * W, H)  # input | reconstruction
         if command == "export":
             assert Z.read_ply(out / f"{name}.ply").shape == (16, 14)
+            camera = json.loads((out / f"{name}_cameras.json").read_text())[0]
+            assert (camera["width"], camera["height"], camera["fx"]) == (W, H, W / 2)
 
 
 def test_edges_and_figure_ground_sharing_out_keep_each_others_files(ckpt, images, tmp_path):

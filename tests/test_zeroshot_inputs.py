@@ -161,8 +161,9 @@ def test_same_stems_in_two_subfolders_and_two_extensions_write_separate_files(ck
         noise_png(photos / rel, 24, 16, seed=i)
     out = tmp_path / "out"
     assert Z.main(["export", str(photos), "--ckpt", ckpt, "--out", str(out)]) == 0
-    written = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    written = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs if f.endswith(".ply"))
     assert written == ["a/1.ply", "b/1.ply", "x_jpg.ply", "x_png.ply", "y.ply"]
+    assert all(os.path.exists(out / name.replace(".ply", "_cameras.json")) for name in written)
     clouds = [Z.read_ply(out / name) for name in written]
     assert all(not torch.equal(clouds[i], clouds[j]) for i in range(5) for j in range(i))  # five images, five clouds
 
