@@ -5,6 +5,7 @@ file is what train.py, probe.py, finetune.py and zeroshot.py need around it (MAE
 util/misc.py, util/lr_sched.py and util/lr_decay.py).
 
     save_checkpoint / read_checkpoint / load_checkpoint     atomic writes, clear errors, the model rebuilt
+    claim_run_folder / check_output / write_whole           outputs never over a run or an input; whole or not at all
     rng_states / set_rng_states                             every RNG a step draws from, for exact resume
     distributed / wrap_ddp / unwrap / all_reduce_sum        torchrun's process group (no-ops in one process)
     any_process                                             all processes stop an epoch together
@@ -17,6 +18,9 @@ Try it: python -c "import engine; print(engine.lr_at(50, 100, 10, 1e-3, 0.0))"
 """
 import collections
 import contextlib
+import fcntl
+import glob
+import json
 import math
 import os
 import random
@@ -48,14 +52,100 @@ def save_checkpoint(path, model, optimizer, cfg, epoch, step, extra=None):
 
 
 def atomic_save(state, path):
-    """torch.save(state) to path.tmp, flushed to disk, then renamed over path: a crash, SIGKILL or full disk
-    mid-write leaves the previous file at path as it was."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save(state) to path whole or not at all (write_whole): a crash, SIGKILL or full disk mid-write leaves
+    the previous file at path as it was; a failed write is an OutputError."""
+    write_whole(path, lambda f: torch.save(state, f))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs: never over a run or an input, whole or not at all
+
+
+class OutputError(ValueError):
+    """An output that would replace a run or an input of the same command, or that cannot be written there."""
+
+
+def write_whole(path, write):
+    """write(f) into path.tmp, flushed to disk, then renamed over path; on any failure (disk full included) the
+    .tmp is removed, the file at path is as it was, and OutputError says why in one line. write: a function of the
+    open binary file, or the bytes themselves."""
+    path, tmp = os.fspath(path), os.fspath(path) + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f) if callable(write) else f.write(write)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OutputError(f"could not write {path}: {e.strerror or e}; nothing there was changed") from None
+
+
+def check_output(out, inputs=(), folder=True):
+    """OutputError, before any work, unless `out` can be written (a folder, or a file when folder is False: an
+    existing one of the other kind, a path under a file or in a folder this process cannot write are refused)
+    and is none of `inputs` (files or folders) nor inside one of them: a command never writes over what it reads,
+    nor reads what it wrote."""
+    real = os.path.realpath(out)
+    if os.path.exists(out) and os.path.isdir(out) != folder:
+        raise OutputError(f"--out {out} is {'a file' if folder else 'a folder'}; give {'a folder' if folder else 'a file'}")
+    for given in inputs:
+        source = os.path.realpath(given)
+        if real == source or real.startswith(source.rstrip(os.sep) + os.sep):
+            raise OutputError(f"--out {out} {'is' if real == source else 'is inside'} the input {given}: outputs never "
+                              "go where the command reads; give another --out")
+    parent = os.path.dirname(real)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputError(f"--out {out}: {parent} is a file, so nothing can be made under it")
+    if not os.access(parent if not os.path.exists(real) else real, os.W_OK):
+        raise OutputError(f"--out {out}: {parent if not os.path.exists(real) else real} is not writable")
+
+
+def check_result_file(out, inputs, keys):
+    """check_output for a JSON result file, plus: an existing file there is replaced only when it is a result of the
+    same command (a JSON object with all of `keys`), never another file (OutputError)."""
+    check_output(out, inputs, folder=False)
+    if os.path.exists(out):
+        try:
+            with open(out) as f:
+                ours = set(keys) <= set(json.load(f))
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise OutputError(f"--out {out} exists and is not a result of this command; it is kept: give another --out")
+
+
+_held = {}  # the run folders this process holds -> their locks, kept for as long as it lives
+
+
+def claim_run_folder(out, resume, overwrite, marks, owned=(), inputs=()):
+    """Make `out` this run's folder, before any work, and hold it. OutputError if it cannot be written or lies in
+    one of `inputs` (check_output), if it already holds a run (a file of `marks`) and neither resume (continue it)
+    nor overwrite (start over) is given, or if another process holds it (a lock on the folder, released when this
+    one ends). overwrite deletes the old run's files (marks and the glob patterns of `owned`) and nothing else."""
+    if resume and overwrite:
+        raise OutputError("--resume continues the run in --out, --overwrite starts it over: give one of them")
+    check_output(out, inputs)
+    found = [m for m in marks if os.path.exists(os.path.join(out, m))]
+    if found and not (resume or overwrite):
+        raise OutputError(f"--out {out} already holds a run ({', '.join(found)}): --resume continues it, --overwrite "
+                          "starts it over (deleting it), or give a new --out")
+    os.makedirs(out, exist_ok=True)
+    if os.path.realpath(out) not in _held:  # this process may run again in a folder it holds (tests do)
+        lock = os.open(out, os.O_RDONLY)  # a lock on the folder itself: no file is left behind
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)
+            raise OutputError(f"--out {out} is in use by another run; wait for it to end or give another --out") from None
+        _held[os.path.realpath(out)] = lock
+    if overwrite:
+        for pattern in (*marks, *owned):
+            for path in glob.glob(os.path.join(glob.escape(out), pattern)):
+                os.remove(path)
 
 
 def read_checkpoint(path, device="cpu"):

@@ -47,6 +47,7 @@ from engine import (
     any_process,
     atomic_save,
     check_flags,
+    claim_run_folder,
     distributed,
     encode,
     load_encoder,
@@ -56,8 +57,11 @@ from engine import (
     skips_weight_decay,
     topk_accuracy,
     wrap_ddp,
+    write_whole,
 )
 from model import Encoder, GMAEConfig
+
+RUN_MARKS = ("finetune_best.pt", "finetune_last.pt", "finetune.json")  # an --out holding one holds a fine-tuning
 
 
 class Classifier(nn.Module):
@@ -273,6 +277,7 @@ def get_args(argv=None):
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (MAE: 0.1)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm, 0 = off (MAE: off)")
     p.add_argument("--out", default=None, help="output folder (default: finetune[_scratch]/ beside the checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a fine-tuning")
     args = p.parse_args(argv)
     check_flags(p, args, at_least_one=("epochs", "batch_size", "n_synthetic", "n_val"))
     if not 0 < args.layer_decay <= 1:
@@ -303,9 +308,13 @@ def default_out(ckpt, from_scratch):
 def main(argv=None):
     """One process, or DistributedDataParallel under torchrun (as train.py; lr from the global batch)."""
     parser, args = get_args(argv)
+    out = args.out or default_out(args.ckpt, args.from_scratch)
     with distributed(args.device) as (rank, world_size, device):
         torch.manual_seed(args.seed)  # a from-scratch encoder's init, then the head's
         try:
+            if rank == 0:  # before any work: refused if out holds a fine-tuning (unless --overwrite); locked
+                claim_run_folder(out, False, args.overwrite, RUN_MARKS,
+                                 inputs=[args.ckpt] + ([args.data] if args.data != "synthetic" else []))
             encoder, cfg = build_encoder(args.ckpt, args.from_scratch, args.img_size, args.drop_path)
             train_set, val_set, _ = labelled_splits(args.data, cfg.img_size, args.n_synthetic, args.n_val, args.seed,
                                                     val_fraction=args.val_fraction)
@@ -317,7 +326,6 @@ def main(argv=None):
         if len(train_set) < args.batch_size * world_size:
             parser.error(f"the training split has {len(train_set)} images, fewer than --batch-size {args.batch_size} "
                          f"x {world_size} processes")
-        out = args.out or default_out(args.ckpt, args.from_scratch)
         try:
             trained = finetune(encoder, cfg, train_set, val_set, out, pool=args.pool, epochs=args.epochs,
                                warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, blr=args.blr,
@@ -334,8 +342,7 @@ def main(argv=None):
     result = {"ckpt": None if args.from_scratch else args.ckpt, "from_scratch": args.from_scratch, "decoder": cfg.decoder,
               "data": args.data, "best": best, "last": history[-1], "history": history,
               "args": {k: v for k, v in vars(args).items() if k not in ("device", "out")}}
-    with open(os.path.join(out, "finetune.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_whole(os.path.join(out, "finetune.json"), json.dumps(result, indent=1).encode())
     print(f"top-1 {best['top1']:.1f} (best, epoch {best['epoch']}); last top-1 {history[-1]['top1']:.1f}; wrote {out}")
     return result
 

@@ -39,9 +39,11 @@ from tqdm import tqdm
 from data import collate_skip_broken, labelled_splits, split_note
 from engine import (
     USER_ERRORS,
+    OutputError,
     ReadableBatches,
     add_labelled_data_flags,
     check_flags,
+    check_result_file,
     distributed,
     encode,
     gather_objects,
@@ -49,8 +51,11 @@ from engine import (
     lr_at,
     set_lr,
     topk_accuracy,
+    write_whole,
 )
 from model import Encoder
+
+RESULT_KEYS = ("ckpt", "random_init", "pool", "num_train")  # what marks a JSON file as this script's result
 
 # ---------------------------------------------------------------------------------------------------------
 # Features
@@ -224,6 +229,11 @@ def get_args(argv=None):
         p.error("--knn 0 and --epochs 0 leave nothing to evaluate")
     if args.temperature <= 0:
         p.error(f"--temperature must be > 0, got {args.temperature}")
+    args.out = args.out or default_out(args.ckpt, args.data, args.pool, args.random_init)
+    try:  # before any work: never over the checkpoint, the data or another file; a folder that can be written
+        check_result_file(args.out, [args.ckpt] + ([args.data] if args.data != "synthetic" else []), RESULT_KEYS)
+    except OutputError as e:
+        p.error(str(e))
     return p, args
 
 
@@ -266,10 +276,8 @@ def main(argv=None):
     result = {"ckpt": args.ckpt, "random_init": args.random_init, "decoder": cfg.decoder, "data": args.data,
               "pool": args.pool, "img_size": cfg.img_size, "num_train": len(train_set), "num_val": len(val_set),
               **scores}
-    out = args.out or default_out(args.ckpt, args.data, args.pool, args.random_init)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+    write_whole(args.out, json.dumps(result, indent=1).encode())
+    print(f"wrote {args.out}")
     return result
 
 

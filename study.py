@@ -29,7 +29,7 @@ from dataclasses import asdict
 import torch
 
 from data import build_dataset
-from engine import read_checkpoint
+from engine import read_checkpoint, write_whole
 from model import patchify, psnr_db, random_masking
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,8 +38,8 @@ RUNS = os.path.join("runs", "study")
 CIFAR_LAYOUT = "DIR/train/<class>/<image> and DIR/val/<class>/<image> (README \"Data\")"
 
 
-def train(name, *flags):
-    return {"kind": "train", "name": name, "argv": ["train.py", *flags, "--out", f"{RUNS}/{name}"]}
+def train(name, *flags):  # the study owns runs/study/: a table run again starts its runs over
+    return {"kind": "train", "name": name, "argv": ["train.py", *flags, "--overwrite", "--out", f"{RUNS}/{name}"]}
 
 
 def probe(run, pool="mean", random_init=False, data=None):
@@ -369,27 +369,34 @@ def render_table(name):
     mode = "quick" if name not in LONG else "long --cifar DIR" + (" --bsds BSDS" if name == "cifar_edges" else "")
     if not os.path.exists(path):
         return f"## {title}\n\nNot measured yet: `python study.py {mode} --only {name}`.\n"
-    with open(path) as f:
-        t = json.load(f)
-    body = RENDERERS.get(name, render_train_rows)(t)
-    wall = sum(r["wall_s"] for r in t["rows"])
-    return (f"## {title}\n\n{about}\n\n`{t['command']}`: {minutes(wall)} on {t['date']} ({t['machine']}, torch "
-            f"{t['torch']}).\n\n{body}\n")
+    try:
+        with open(path) as f:
+            t = json.load(f)
+        body = RENDERERS.get(name, render_train_rows)(t)
+        wall = sum(r["wall_s"] for r in t["rows"])
+        return (f"## {title}\n\n{about}\n\n`{t['command']}`: {minutes(wall)} on {t['date']} ({t['machine']}, torch "
+                f"{t['torch']}).\n\n{body}\n")
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:  # truncated, edited, another layout
+        raise ValueError(f"{os.path.relpath(path, HERE)} cannot be rendered ({type(e).__name__}: {e}); run "
+                         f"`python study.py {mode} --only {name}` again or restore it. No page was changed") from None
 
 
 def render(page=os.path.join(HERE, "docs", "results.md"), readme=os.path.join(HERE, "README.md")):
-    """Write docs/results.md, and the laptop table into README's <!-- study:laptop --> block."""
-    with open(page, "w") as f:
-        f.write(PAGE_HEAD + "".join("\n" + render_table(name) for name in TABLES))
+    """Write docs/results.md, and the laptop table into README's <!-- study:laptop --> block: every table is
+    rendered first, then each file is written whole (engine.write_whole); a result file that cannot be read changes
+    nothing (ValueError naming it)."""
+    text_page = PAGE_HEAD + "".join("\n" + render_table(name) for name in TABLES)
     start, end = "<!-- study:laptop -->", "<!-- /study:laptop -->"
+    text = None
     if os.path.exists(readme):
         with open(readme) as f:
             text = f.read()
         if start in text and end in text:
             block = render_table("laptop").split("\n\n", 1)[1].strip()
             text = text[: text.index(start) + len(start)] + "\n" + block + "\n" + text[text.index(end):]
-            with open(readme, "w") as f:
-                f.write(text)
+    write_whole(page, text_page.encode())
+    if text is not None:
+        write_whole(readme, text.encode())
     print(f"wrote {os.path.relpath(page, HERE)}")
 
 
@@ -404,7 +411,10 @@ def main(argv=None):
                    "ROOT/groundTruth/val/ (the official archive's BSR/BSDS500/data), as README \"Data\" says")
     args = p.parse_args(argv)
     if args.mode == "render":
-        render()
+        try:
+            render()
+        except ValueError as e:  # a result file that cannot be rendered; engine.OutputError: a page not written
+            p.error(str(e))
         return
     if args.mode == "long" and not args.cifar:
         p.error(f"long needs --cifar DIR, a CIFAR-10 image folder: {CIFAR_LAYOUT}")
@@ -427,7 +437,10 @@ def main(argv=None):
         p.error(f"--only {' '.join(other)}: not a table of `{args.mode}` (quick: {', '.join(QUICK)}; long: "
                 f"{', '.join(LONG)})")
     failed = run_tables(names, tables, invocation)
-    render()
+    try:
+        render()
+    except ValueError as e:
+        p.error(str(e))
     if failed:
         sys.exit(f"study.py {args.mode}: {len(failed)} of {len(names)} tables not written: "
                  + "; ".join(f"{name} ({why})" for name, why in failed.items()))

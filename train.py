@@ -71,6 +71,7 @@ from engine import (
     all_reduce_sum,
     any_process,
     check_flags,
+    claim_run_folder,
     distributed,
     gather_objects,
     lr_at,
@@ -82,8 +83,11 @@ from engine import (
     set_rng_states,
     unwrap,
     wrap_ddp,
+    write_whole,
 )
 from model import GMAE, MODEL_SIZES, GMAEConfig, patchify, reconstruction_metrics, unpatchify
+
+RUN_MARKS = ("checkpoint.pt", "log.jsonl")  # an --out holding one of these holds a run: it is not replaced unasked
 
 
 class TrainingDiverged(RuntimeError):
@@ -129,6 +133,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/gmae", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (for tests)")
     p.add_argument("--accum-iter", type=int, default=1,
                    help="batches per optimizer step (gradient accumulation); global batch = batch x accum x processes")
@@ -351,28 +356,44 @@ def train_step(ddp_model, batches, optimizer, scaler, progress, batch_size, accu
 
 def end_of_epoch(model, val_imgs, progress, fresh_images, epoch_time, run_time, out, backend, device, main_process):
     """Sum the epoch over processes; on rank 0 score the validation images (model.reconstruction_metrics), print
-    and append a line to log.jsonl and write recon_epochNNN.png. Returns False when the epoch read no image."""
+    and write recon_epochNNN.png. Returns the epoch's record for log.jsonl ({} on other ranks), None when the
+    epoch read no image."""
     loss_sum, seen, skipped, fresh = all_reduce_sum(progress.sums + [fresh_images], device)
     epoch = progress.epoch + 1
     if seen == 0:
         if skipped:
             raise ValueError(f"epoch {epoch}: all {int(skipped)} images read were unreadable; check --data")
-        return False
+        return None
     if skipped and main_process:
         print(f"epoch {epoch}: skipped {int(skipped)} unreadable image files (warnings above name them)")
-    if main_process:
-        val = reconstruction_metrics(model, val_imgs, backend)
-        record = {"epoch": epoch, "step": progress.step, "train_loss": loss_sum / seen,
-                  **{f"val_{k}" if k == "loss" else k: v for k, v in val.items()},
-                  "img_per_s": fresh / epoch_time, "time_s": run_time}  # images this session read, all processes
-        if skipped:
-            record["skipped_images"] = int(skipped)
-        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        with open(os.path.join(out, "log.jsonl"), "a") as f:
+    if not main_process:
+        return {}
+    val = reconstruction_metrics(model, val_imgs, backend)
+    record = {"epoch": epoch, "step": progress.step, "train_loss": loss_sum / seen,
+              **{f"val_{k}" if k == "loss" else k: v for k, v in val.items()},
+              "img_per_s": fresh / epoch_time, "time_s": run_time}  # images this session read, all processes
+    if skipped:
+        record["skipped_images"] = int(skipped)
+    print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+    save_epoch_grid(os.path.join(out, f"recon_epoch{epoch:03d}.png"), model, val_imgs[:8], backend,
+                    model.cfg.patch_size)
+    return record
+
+
+def append_log(out, record, completed=None):
+    """Add the epoch's record to log.jsonl, after its checkpoint is written, so the log never holds an epoch the
+    checkpoint does not; completed (on resume): first drop any line past that many epochs (a run stopped between
+    the two writes by older code, or a half-written last line)."""
+    path = os.path.join(out, "log.jsonl")
+    if completed is not None and os.path.exists(path):
+        with open(path) as f:
+            lines = f.read().splitlines()
+        keep = [line for line in lines if line.endswith("}") and json.loads(line)["epoch"] <= completed]
+        if keep != lines:
+            write_whole(path, "".join(line + "\n" for line in keep).encode())
+    if record:
+        with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        save_epoch_grid(os.path.join(out, f"recon_epoch{epoch:03d}.png"), model, val_imgs[:8], backend,
-                        model.cfg.patch_size)
-    return True
 
 
 def stop_on_sigterm(save, progress, steps_per_epoch, ckpt_path, log):
@@ -396,7 +417,7 @@ def validation_images(data, img_size, val_size, seed, device, val_fraction=VAL_F
 
 def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, warmup_epochs, weight_decay, clip_grad,
              accum_iter, amp, backend, workers, device, seed, out, resume, max_steps, save_every, val_size,
-             val_fraction=VAL_FRACTION, rank=0, world_size=1, preemption=None):
+             val_fraction=VAL_FRACTION, rank=0, world_size=1, preemption=None, overwrite=False):
     """The training run of `python train.py` (one process) or of one of torchrun's processes (rank of
     world_size). Returns the trained model (unwrapped from DDP)."""
     device, main_process = torch.device(device), rank == 0  # rank 0 logs, writes PNGs and checkpoints
@@ -404,7 +425,9 @@ def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, war
     torch.manual_seed(seed)  # the same on every process: identical initial weights
     random.seed(seed)
     np.random.seed(seed)
-    os.makedirs(out, exist_ok=True)
+    if main_process:  # refused if --out holds a run and neither --resume nor --overwrite is given; locked
+        claim_run_folder(out, resume, overwrite, RUN_MARKS, owned=("recon_epoch*.png", "checkpoint.pt.tmp"),
+                         inputs=[data] if data != "synthetic" else [])
     ckpt_path = os.path.join(out, "checkpoint.pt")
 
     train_set = build_dataset(data, cfg.img_size, train=True, n_synthetic=n_synthetic, seed=seed,
@@ -432,6 +455,8 @@ def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, war
         progress, message = resume_run(ckpt_path, cfg, model, optimizer, scaler, steps_per_epoch, global_batch, rank,
                                        world_size, device)
         log(message)
+        if main_process:
+            append_log(out, None, completed=progress.epoch)
     save = functools.partial(save_run, ckpt_path, model, optimizer, scaler, cfg, progress, global_batch, device,
                              main_process, data)
     total_steps, warmup_steps = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
@@ -466,10 +491,12 @@ def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, war
             if save_every and progress.step % save_every == 0 and progress.epoch_step < steps_per_epoch:
                 save()
         bar.close()
-        if not end_of_epoch(model, val_imgs, progress, progress.sums[1] - seen_before, time.time() - t0,
-                            time.time() - t_start, out, backend, device, main_process):
+        record = end_of_epoch(model, val_imgs, progress, progress.sums[1] - seen_before, time.time() - t0,
+                              time.time() - t_start, out, backend, device, main_process)
+        if record is None:
             break
         save()
+        append_log(out, record)
         if progress.epoch_step < steps_per_epoch:  # --max-steps
             break
         progress.epoch_step, progress.epoch_items, progress.sums[:] = 0, 0, [0.0, 0, 0]
@@ -490,7 +517,8 @@ def main(argv=None):
                             clip_grad=args.clip_grad, accum_iter=args.accum_iter, amp=args.amp, backend=args.splat,
                             workers=args.workers, device=device, seed=args.seed, out=args.out, resume=args.resume,
                             max_steps=args.max_steps, save_every=args.save_every, val_size=args.val_size,
-                            val_fraction=args.val_fraction, rank=rank, world_size=world_size, preemption=preemption)
+                            val_fraction=args.val_fraction, rank=rank, world_size=world_size, preemption=preemption,
+                            overwrite=args.overwrite)
     except (*USER_ERRORS, TrainingDiverged) as e:
         parser.error(str(e))
 

@@ -72,6 +72,8 @@ LAYER_THRESHOLD = 0.1  # layers and figure-ground: a significant change of a pix
 MAX_SIZE = 512  # longest side the readings render at (--max-size): bounded memory whatever the photo
 DEPTH_MODES = ("learned", "permuted", "radial")
 IMAGE_COMMANDS = ("recon", "layers", "figure-ground", "edges", "gaussians", "export")
+OUTPUT_SUFFIXES = {"recon": ("_recon.png",), "layers": ("_layers.png",), "figure-ground": ("_fg.png", "_fg_overlay.png"),
+                   "edges": (".png",), "gaussians": ("_gaussians.png",), "export": (".ply", "_cameras.json")}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -512,6 +514,15 @@ def run_export(net, img, dest):
     write_cameras(dest + "_cameras.json", os.path.basename(dest), camera)
 
 
+def check_no_output_is_an_input(files, out, suffixes):
+    """engine.OutputError if one of the files a command would write (OUT/<name><suffix>) is one of its inputs."""
+    inputs = {os.path.realpath(path) for path, _ in files}
+    for _, name in files:
+        for dest in (os.path.join(out, name + suffix) for suffix in suffixes):
+            if os.path.realpath(dest) in inputs:
+                raise engine.OutputError(f"--out {out}: the output {dest} is one of the inputs; give another --out")
+
+
 def run_on_images(command, files, out, write, device="cpu"):
     """write(img [3, H, W] on device, path, dest) for every (path, name) of engine.collect_images, dest = OUT/<name> (its
     folder made); an unreadable image is reported and skipped, the rest still run. Returns the number of failures."""
@@ -653,6 +664,14 @@ def main(argv=None):
         note = pretraining_note(ckpt, args.ckpt) if photos else None
         if note:
             print(note, file=sys.stderr)
+    inputs = [*getattr(args, "images", ()), args.ckpt,
+              *filter(None, (getattr(args, name, None) for name in ("bsds", "masks", "pred", "gt")))]
+    try:  # before any work: never into or onto an input, and somewhere it can write
+        engine.check_output(out, inputs)
+        files = engine.collect_images(args.images) if args.command in IMAGE_COMMANDS else []
+        check_no_output_is_an_input(files, out, OUTPUT_SUFFIXES.get(args.command, ()))
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
     os.makedirs(out, exist_ok=True)
 
     seed, backend, max_size = args.seed, args.splat, args.max_size
@@ -672,7 +691,7 @@ def main(argv=None):
                 "gaussians": lambda img, path, dest: run_gaussians(net, img, dest),
                 "export": lambda img, path, dest: run_export(net, img, dest),
             }[args.command]
-            return 1 if run_on_images(args.command, engine.collect_images(args.images), out, write, device) else 0
+            return 1 if run_on_images(args.command, files, out, write, device) else 0
         if score_folder:
             zeroshot_eval.eval_edge_folder(args.pred, args.gt, nthresh, args.workers)
         elif args.command == "eval-edges":

@@ -264,16 +264,17 @@ def test_broken_image_files_are_skipped_and_counted(tmp_path, capsys):
 
 
 def test_folders_of_only_broken_files_are_clear_errors(tmp_path, capsys):
+    root = tmp_path / "data"  # the run folder beside it: a run inside its own --data is refused
     for split, n in (("train", 8), ("val", 2)):
-        (tmp_path / split / "c").mkdir(parents=True)
+        (root / split / "c").mkdir(parents=True)
         for i in range(n):
-            (tmp_path / split / "c" / f"{i}.png").write_bytes(b"nope")
+            (root / split / "c" / f"{i}.png").write_bytes(b"nope")
     with pytest.warns(data.BrokenImageWarning):
-        message = cli_error(capsys, train.main, SMALL + ["--data", str(tmp_path), "--out", str(tmp_path / "run")])
+        message = cli_error(capsys, train.main, SMALL + ["--data", str(root), "--out", str(tmp_path / "run")])
     assert message.startswith("no readable image among the 2 val")
-    Image.new("RGB", (20, 20)).save(tmp_path / "val" / "c" / "ok.png")
+    Image.new("RGB", (20, 20)).save(root / "val" / "c" / "ok.png")
     with pytest.warns(data.BrokenImageWarning):
-        message = cli_error(capsys, train.main, SMALL + ["--data", str(tmp_path), "--out", str(tmp_path / "run")])
+        message = cli_error(capsys, train.main, SMALL + ["--data", str(root), "--out", str(tmp_path / "run")])
     assert "all 8 images read were unreadable" in message
 
 

@@ -267,8 +267,10 @@ def test_bad_flags_are_a_one_line_error(ckpt, tmp_path, capsys):
         "--layers 17 is more than the model's 16 Gaussians")
     assert cli_error(capsys, Z.main, ["eval-edges", "--pred", str(tmp_path)]).startswith("--pred and --gt go together")
     assert cli_error(capsys, Z.main, ["eval-depth", "--ckpt", ckpt]).startswith("eval-depth needs --synthetic N")
-    message = cli_error(capsys, Z.main, ["eval-fg", "--masks", str(tmp_path), "--ckpt", ckpt, "--out", str(tmp_path)])
-    assert message == (f"--masks {tmp_path} needs images/ and a ground_truth_mask/ (or masks/) subfolder, as ECSSD's "
+    (tmp_path / "ecssd").mkdir()
+    message = cli_error(capsys, Z.main, ["eval-fg", "--masks", str(tmp_path / "ecssd"), "--ckpt", ckpt, "--out",
+                                         str(tmp_path / "out")])
+    assert message == (f"--masks {tmp_path / 'ecssd'} needs images/ and a ground_truth_mask/ (or masks/) subfolder, as ECSSD's "
                        "images.zip and ground_truth_mask.zip unpack")
 
 

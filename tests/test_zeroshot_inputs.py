@@ -68,7 +68,7 @@ def test_an_explicit_splat_backend_that_cannot_build_is_a_one_line_error(ckpt, t
                                                                      "[1/2] the rest of the compiler's output")})
     img = noise_png(tmp_path / "a.png", 20, 12)
     message = cli_error(capsys, Z.main, ["edges", img, "--ckpt", ckpt, "--splat", "cuda", "--device", "cpu",
-                                         "--out", str(tmp_path)])
+                                         "--out", str(tmp_path / "out")])
     assert message == ("splat backend 'cuda' is not available: Error building extension: nvcc not found ... "
                        "(--splat auto falls back to the torch reference)")
 
@@ -183,8 +183,9 @@ def test_output_names_by_hand_and_a_collision_is_refused_in_one_line(ckpt, tmp_p
 
 
 def test_a_bsds_style_folder_still_gives_stem_png_for_eval_edges(ckpt, tmp_path):
-    noise_png(tmp_path / "100007.jpg", 24, 16)
-    assert Z.main(["edges", str(tmp_path), "--ckpt", ckpt, "--out", str(tmp_path / "pred"), "--layers", "2",
+    (tmp_path / "val").mkdir()
+    noise_png(tmp_path / "val" / "100007.jpg", 24, 16)
+    assert Z.main(["edges", str(tmp_path / "val"), "--ckpt", ckpt, "--out", str(tmp_path / "pred"), "--layers", "2",
                    "--splat", "torch"]) == 0
     assert os.listdir(tmp_path / "pred") == ["100007.png"]
 

@@ -1,0 +1,162 @@
+"""Nothing a user has is lost: a table of mistaken commands, each run as a user would (a subprocess), must stop
+with a nonzero exit and one line that says what to do (no traceback), and leave every file that was there before
+byte for byte as it was: runs, checkpoints, photos, results. Keep adding rows.
+
+Then, in process: a failed write (disk full) leaves the old file and no .tmp; log.jsonl never holds an epoch its
+checkpoint does not; --overwrite starts over and deletes only the old run's files; study.py render with a broken
+result file changes no page.
+
+Run:  pytest -q tests/test_nothing_lost.py
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import engine
+import study
+import train
+from model import GMAE, GMAEConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = GMAEConfig(img_size=16, patch_size=4, enc_dim=32, enc_depth=1, enc_heads=2, dec_dim=32, dec_depth=1,
+                 dec_heads=2, num_gaussians=16)
+TINY = ["--model", "tiny", "--img-size", "16", "--patch", "4", "--gaussians", "16", "--epochs", "1", "--batch-size",
+        "8", "--n-synthetic", "16", "--val-size", "4", "--device", "cpu", "--splat", "torch"]
+
+
+def user_files(tmp):
+    """Write what a user has: photos, a finished run (checkpoint, log), a fine-tuning, a probe result, notes."""
+    rng = np.random.default_rng(0)
+    (tmp / "photos" / "sub").mkdir(parents=True)
+    for rel in ("a.png", "b.jpg", "sub/c.png"):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp / "photos" / rel)
+    (tmp / "run").mkdir()
+    torch.manual_seed(0)
+    torch.save({"model": GMAE(CFG).state_dict(), "config": asdict(CFG), "data": "photos"}, tmp / "run" / "checkpoint.pt")
+    (tmp / "run" / "log.jsonl").write_text('{"epoch": 1, "step": 2}\n')
+    (tmp / "run" / "finetune").mkdir()
+    (tmp / "run" / "finetune" / "finetune_best.pt").write_bytes(b"a fine-tuned model")
+    (tmp / "notes.json").write_text('{"mine": "not a probe result"}')
+    (tmp / "a_file").write_text("a file where a folder is asked for")
+
+
+def snapshot(tmp):
+    """{relative path: sha256} of every file under tmp."""
+    return {os.path.relpath(os.path.join(d, f), tmp): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, files in os.walk(tmp) for f in files}
+
+
+# (script and flags with {tmp}, a piece of the one-line message)
+CASES = [
+    ("train.py --out {tmp}/run", "already holds a run (checkpoint.pt, log.jsonl): --resume continues it, --overwrite"),
+    ("train.py --out {tmp}/run --resume --overwrite", "give one of them"),
+    ("train.py --out {tmp}/a_file", "is a file; give a folder"),
+    ("train.py --out {tmp}/a_file/run", "is a file, so nothing can be made under it"),
+    ("train.py --data {tmp}/photos --out {tmp}/photos/run", "is inside the input"),
+    ("finetune.py --ckpt {tmp}/run/checkpoint.pt --data synthetic", "already holds a run (finetune_best.pt)"),
+    ("probe.py --ckpt {tmp}/run/checkpoint.pt --out {tmp}/run/checkpoint.pt", "is the input"),
+    ("probe.py --ckpt {tmp}/run/checkpoint.pt --out {tmp}/run", "is a folder; give a file"),
+    ("probe.py --ckpt {tmp}/run/checkpoint.pt --out {tmp}/notes.json", "is not a result of this command; it is kept"),
+    ("zeroshot.py edges {tmp}/photos --ckpt {tmp}/run/checkpoint.pt --out {tmp}/photos", "is the input"),
+    ("zeroshot.py edges {tmp}/photos --ckpt {tmp}/run/checkpoint.pt --out {tmp}/photos/sub", "is inside the input"),
+    ("zeroshot.py edges {tmp}/photos/a.png --ckpt {tmp}/run/checkpoint.pt --out {tmp}/photos",
+     "the output " + "{tmp}/photos/a.png is one of the inputs"),
+    ("zeroshot.py edges {tmp}/run/../photos/sub --ckpt {tmp}/run/checkpoint.pt --out {tmp}/photos/sub/../sub",
+     "is the input"),
+    ("zeroshot.py recon {tmp}/photos/a.png --ckpt {tmp}/run/checkpoint.pt --out {tmp}/run/checkpoint.pt",
+     "is a file; give a folder"),
+]
+
+
+@pytest.mark.parametrize("command, message", CASES, ids=[c for c, _ in CASES])
+def test_a_mistaken_command_stops_in_one_line_and_changes_nothing(tmp_path, command, message):
+    user_files(tmp_path)
+    before = snapshot(tmp_path)
+    script, *flags = command.format(tmp=tmp_path).split()
+    argv = [sys.executable, os.path.join(ROOT, script), *flags]
+    if script == "train.py":
+        argv += TINY
+    run = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert message.format(tmp=tmp_path) in lines[-1] and "error: " in lines[-1], lines[-3:]
+    after = snapshot(tmp_path)
+    assert {path: after.get(path) for path in before} == before  # every file as it was
+    assert set(after) == set(before), set(after) - set(before)  # and nothing written beside them
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_not_raced(tmp_path):
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "run"), *TINY,
+                              "--epochs", "100"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(600):  # until the first run holds the folder
+            if (tmp_path / "run").is_dir():
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)
+        second = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "run"),
+                                 "--overwrite", *TINY], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert second.returncode == 2 and "is in use by another run" in second.stderr.strip().splitlines()[-1]
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_junk(tmp_path, monkeypatch):
+    path = tmp_path / "page.md"
+    path.write_text("the old page")
+
+    def full_disk(f):
+        f.write(b"half of the new pa")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(engine.OutputError, match=r"could not write .*page.md: No space left on device"):
+        engine.write_whole(path, full_disk)
+    assert path.read_text() == "the old page" and os.listdir(tmp_path) == ["page.md"]
+
+
+def test_overwrite_starts_over_deleting_only_the_old_runs_files(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("checkpoint.pt", "log.jsonl", "recon_epoch001.png", "recon_epoch002.png", "my_notes.txt"):
+        (out / name).write_text("old")
+    train.main(["--out", str(out), "--overwrite", *TINY])
+    assert (out / "my_notes.txt").read_text() == "old" and not (out / "recon_epoch002.png").exists()
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_log_never_holds_an_epoch_its_checkpoint_does_not(tmp_path):
+    out = tmp_path / "run"
+    train.main(["--out", str(out), *TINY])
+    # As if an older run had logged epoch 2 and died before its checkpoint, mid-way through a last line.
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"epoch": 2, "step": 4, "train_loss": 0.1}\n{"epoch": 3, "st')
+    train.main(["--out", str(out), "--resume", *TINY, "--epochs", "2"])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and records[1]["step"] == 4 and "val_loss" in records[1]
+    assert engine.read_checkpoint(str(out / "checkpoint.pt"))["epoch"] == 1  # the epoch in progress was 2 (index 1)
+
+
+@pytest.mark.parametrize("broken", ['{"command": "python study.py quick", "rows": [', "{}"])
+def test_study_render_with_a_broken_result_changes_no_page(tmp_path, monkeypatch, broken):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "laptop.json").write_text(broken)
+    monkeypatch.setattr(study, "RESULTS", str(results))
+    page, readme = tmp_path / "results.md", tmp_path / "README.md"
+    page.write_text("the old page")
+    readme.write_text("intro\n<!-- study:laptop -->\nold table\n<!-- /study:laptop -->\n")
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"laptop.json cannot be rendered .*run `python study.py quick --only laptop`"):
+        study.render(page=str(page), readme=str(readme))
+    assert snapshot(tmp_path) == before
