@@ -7,8 +7,8 @@ Speed of the splatting backends and of a GMAE training step against MAE, as rati
 
 Everything timed (the splat backends, the torch reference, the GMAE and MAE models) runs on --device, so
 every ratio compares two steps on the same device. torch runs anywhere; the cpu kernel needs --device cpu
-and the cuda kernel --device cuda: a requested backend that cannot run on the device is skipped, with a line
-saying so.
+and the cuda kernel --device cuda: by default every backend that runs there is timed; one asked for with --splat
+that cannot build or run on the device is an error.
 
 1. Rasterization, forward + backward through splat.render, batch 16 of random Gaussians
    (splat.random_gaussians), for each scene (H x W / K): 32x32/64, 64x64/256, 64x64/1024, 128x128/4096.
@@ -41,7 +41,7 @@ import torch
 
 import splat
 from data import build_dataset
-from engine import param_groups
+from engine import check_device, check_ranges, check_result_file, param_groups, write_whole
 from model import GMAE, PAPER, GMAEConfig, per_token_for
 
 SCENES = [(32, 64), (64, 256), (64, 1024), (128, 4096)]  # (image side, Gaussians)
@@ -220,14 +220,6 @@ def bench_per_token(scale, ks, backend, repeats, device, batch=None):
             "rows": rows}
 
 
-def parse_device(name):
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: torch.cuda.is_available() is False (no GPU, or a CPU-only torch); "
-                         "use --device cpu")
-    return device
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -247,13 +239,30 @@ def main(argv=None):
     p.add_argument("--per-token-batch", type=int, default=None, help="batch (default: 32 laptop, 2 paper)")
     p.add_argument("--sim", action="store_true", help="only the cuda-sim backend's cost against cpu (section 4)")
     args = p.parse_args(argv)
+    check_ranges(p, args, {name: "[1, inf)" for name in ("batch", "train_batch", "repeats", "train_repeats",
+                                                           "per_token_ks", "per_token_batch")}
+                 | {"max_dense_gb": "(0, inf)"})
+    try:  # before any work: the device exists, the JSON can be written and replaces no other file
+        device = check_device(args.device)
+        if args.json:
+            check_result_file(args.json, [], ("threads", "torch"))
+    except ValueError as e:
+        p.error(str(e))
+    if args.splat and any(not runs_on(b, device) for b in args.splat):
+        p.error(f"--splat {' '.join(b for b in args.splat if not runs_on(b, device))} cannot run on --device {device}: "
+                "each compiled kernel rasterizes its own device's tensors (cuda-sim: cpu); leave it out or change "
+                "--device")
+    for backend in set(args.splat or []) - {"torch"}:  # asked for by name: one that cannot build is an error
+        try:
+            splat._load_extension(backend)
+        except splat.BackendUnavailable as e:
+            p.error(f"{str(e).splitlines()[0][:300]} ...")
     if args.quick:
         args.repeats, args.train_repeats = 2, 2
     if args.sim:
         print("cuda-sim vs the cpu kernel, forward + backward, median ms (slowdown)")
         return write_json({"threads": torch.get_num_threads(), "torch": torch.__version__,
                            "sim": bench_sim(args.repeats)}, args.json)
-    device = parse_device(args.device)
     backends, skipped = choose_backends(args.splat or splat.available_backends(), device)
     if args.per_token:
         fast = [b for b in backends if b != "torch"] or ["torch"]
@@ -295,8 +304,7 @@ def main(argv=None):
 
 def write_json(result, path):
     if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_whole(path, json.dumps(result, indent=1).encode())
     return result
 
 

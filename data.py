@@ -38,6 +38,7 @@ import hashlib
 import itertools
 import math
 import os
+import signal
 import warnings
 
 import numpy as np
@@ -45,7 +46,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
 SHAPES = ("disk", "square", "triangle", "plus", "ring")
 TEXTURES = ("flat", "stripes", "checker")
 VAL_SEED_OFFSET = 1_000_000  # the synthetic val split uses seed + this, so train and val never share scenes
@@ -335,11 +336,19 @@ def _is_image(name):
 
 
 def list_images(folder):
-    """Every image file under folder (recursive, extensions case-insensitive, hidden files skipped), sorted."""
-    paths = []
+    """Every image file under folder (recursive, extensions case-insensitive, hidden files skipped), sorted, each
+    once: symbolic links are followed, but a folder or file reached twice (a link loop, two links to one place) is
+    listed the first time only."""
+    paths, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        paths += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+        seen.add(os.path.realpath(dirpath))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and os.path.realpath(os.path.join(dirpath, d)) not in seen)
+        seen.update(os.path.realpath(os.path.join(dirpath, d)) for d in dirnames)
+        for f in sorted(filenames):
+            if _is_image(f) and os.path.realpath(os.path.join(dirpath, f)) not in seen:
+                seen.add(os.path.realpath(os.path.join(dirpath, f)))
+                paths.append(os.path.join(dirpath, f))
     return paths
 
 
@@ -367,10 +376,13 @@ def to_rgb(im):
     """Any PIL image -> 8-bit RGB. Grayscale, bilevel, CMYK, YCbCr and palette images convert directly;
     integer images of more than 8 bits are scaled by 255 / 65535, decided by the mode, never by the image's own
     values (a dark 16-bit PNG stays dark): I;16* (16-bit PNG or TIFF) and I (32-bit integer, read as 0..65535,
-    which is what 16-bit files give in older Pillow). Transparency (RGBA, LA, PA, a palette with a transparent
+    which is what 16-bit files give in older Pillow). A float image (F, a float TIFF) is read by its range: up to
+    1 as [0, 1], up to 255 as 8-bit, beyond as 16-bit. Transparency (RGBA, LA, PA, a palette with a transparent
     colour) is composited onto white, the renderer's background."""
-    if im.mode.startswith("I;16") or im.mode == "I":
-        arr = np.asarray(im).astype(np.float64) / 257.0  # 65535 -> 255
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        arr = np.nan_to_num(np.asarray(im).astype(np.float64))
+        top = arr.max(initial=0)  # float (F): read by its range, [0, 1] or [0, 255] or 16-bit; integers: 16-bit
+        arr = arr * (255.0 if im.mode == "F" and top <= 1 else 1.0 if im.mode == "F" and top <= 255 else 1 / 257.0)
         im = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -562,12 +574,31 @@ def labelled_splits(data, img_size, n_train=None, n_val=None, seed=0, augment=No
         only_val = sorted(set(val_set.classes) - set(train_set.classes))
         raise ValueError(f"train and val classes of {data} differ (only in train: {only_train}, only in val: "
                          f"{only_val}); both need the same root/{{train,val}}/<class> folders")
+    if train_set.num_classes < 2:
+        raise ValueError(f"{data} has one class ({train_set.classes[0]}): every answer would be right; a probe or a "
+                         "fine-tuning needs two class folders or more")
     if data != "synthetic":
-        both = {os.path.realpath(p) for p, _ in train_set.samples} & {os.path.realpath(p) for p, _ in val_set.samples}
+        both = same_files([p for p, _ in train_set.samples], [p for p, _ in val_set.samples])
         if both:
-            raise ValueError(f"{len(both)} image files of {data} are in both train and val (e.g. {sorted(both)[0]}); "
-                             "scores on them would measure memory, not generalisation")
+            raise ValueError(f"{len(both)} image files of {data} are in both train and val (e.g. {both[0]}), by path "
+                             "or by content; scores on them would measure memory, not generalisation")
     return train_set, val_set, train_set.classes
+
+
+def same_files(a, b):
+    """Files of list b that are also in a: the same file (real path) or a byte-identical copy. Only files whose
+    size some file of a shares are hashed, so a healthy split costs a stat per file."""
+    real_a = {os.path.realpath(p) for p in a}
+    found = [p for p in b if os.path.realpath(p) in real_a]
+    sizes = {}
+    for p in a:
+        sizes.setdefault(os.path.getsize(p), []).append(p)
+    digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()  # noqa: E731
+    for p in b:
+        twins = [q for q in sizes.get(os.path.getsize(p), []) if os.path.realpath(q) != os.path.realpath(p)]
+        if p not in found and twins and digest(p) in {digest(q) for q in twins}:
+            found.append(p)
+    return found
 
 
 def check_readable(dataset, what):
@@ -658,8 +689,17 @@ def make_loader(dataset, batch_size, rank=0, world_size=1, seed=0, shuffle=True,
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     loader = DataLoader(SeededItems(dataset, seed), batch_size=batch_size, sampler=EpochKeys(sampler),
                         drop_last=True, num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
-                        collate_fn=collate_skip_broken, generator=torch.Generator().manual_seed(seed + rank))
+                        collate_fn=collate_skip_broken, generator=torch.Generator().manual_seed(seed + rank),
+                        worker_init_fn=leave_process_group)
     return loader, sampler
+
+
+def leave_process_group(worker_id):
+    """In a loader worker: a SIGTERM or SIGINT sent to the whole process group (a scheduler, Ctrl-C) is the main
+    process's to handle (it finishes its step, saves, then ends its workers), not a reason for a worker to die
+    mid-batch. So the worker leaves the group (and ignores SIGINT); the loader's own shutdown still ends it."""
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- a picture of the synthetic data

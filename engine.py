@@ -268,18 +268,37 @@ def add_labelled_data_flags(p):
     add_run_flags(p)
 
 
-def check_flags(p, args, at_least_one=()):
-    """parser.error in one line, before any work, for a flag of at_least_one (dest names) below 1, a --device torch
-    cannot use here (check_device) or a --val-fraction outside (0, 1)."""
+def check_flags(p, args, at_least_one=(), ranges=None):
+    """parser.error in one line, before any work, for a flag of at_least_one (dest names) below 1, one outside its
+    range (check_ranges), any number that is NaN or infinite, a --device torch cannot use here (check_device) or a
+    --val-fraction outside (0, 1)."""
     for name in at_least_one:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0 < args.val_fraction < 1:
-        p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    check_ranges(p, args, {"val_fraction": "(0, 1)", "seed": "[0, 4294967295]", **(ranges or {})})
     try:
         check_device(args.device)
     except ValueError as e:
         p.error(str(e))
+
+
+def check_ranges(p, args, ranges):
+    """parser.error in one line for the first number among args (lists included) that is NaN or infinite, or
+    outside the interval `ranges` gives its dest, written as text with an optional note: "[0, inf)",
+    "(0, 1] a fraction". A dest args lacks (another subcommand's flag) or a None value (not given) is skipped."""
+    for dest, value in vars(args).items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
+                p.error(f"--{dest.replace('_', '-')} must be a finite number, got {v}")
+    for dest, spec in ranges.items():
+        end = min(i for i in (spec.find(")"), spec.find("]")) if i >= 0) + 1
+        interval, note = spec[:end], spec[end:].strip()
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        value = getattr(args, dest, None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and not ((v > low or (interval[0] == "[" and v == low))
+                                      and (v < high or (interval[-1] == "]" and v == high))):
+                p.error(f"--{dest.replace('_', '-')} must be in {interval}, got {v}" + (f" ({note})" if note else ""))
 
 
 def init_distributed(device):

@@ -279,7 +279,9 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default: finetune[_scratch]/ beside the checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a fine-tuning")
     args = p.parse_args(argv)
-    check_flags(p, args, at_least_one=("epochs", "batch_size", "n_synthetic", "n_val"))
+    check_flags(p, args, at_least_one=("epochs", "batch_size", "n_synthetic", "n_val"),
+                ranges={"warmup_epochs": "[0, inf)", "blr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
+                        "clip_grad": "[0, inf)", "workers": "[0, inf)", "img_size": "[1, inf)"})
     if not 0 < args.layer_decay <= 1:
         p.error(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
     if not 0 <= args.drop_path < 1 or not 0 <= args.smoothing < 1:

@@ -144,8 +144,9 @@ def normalize(x):
 
 def check_mask_ratio(mask_ratio, num_patches):
     """A mask must leave at least one visible patch (the encoder needs input) and be a fraction."""
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"--mask must be in [0, 1), got {mask_ratio}: a ratio of 1.0 leaves the encoder no patch")
+    if not 0.0 <= mask_ratio < 1.0:  # NaN fails too
+        why = ": 1.0 would leave the encoder no patch" if mask_ratio == 1.0 else " (a fraction of the patches)"
+        raise ValueError(f"--mask must be in [0, 1), got {mask_ratio}{why}")
     if int(num_patches * (1 - mask_ratio)) < 1:
         raise ValueError(f"--mask {mask_ratio} keeps no visible patch out of {num_patches}; lower it")
 

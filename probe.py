@@ -222,7 +222,9 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0, help="MAE: 0")
     p.add_argument("--out", default=None, help="JSON result (default: probe_<data>.json beside the checkpoint)")
     args = p.parse_args(argv)
-    check_flags(p, args, at_least_one=("n_synthetic", "n_val", "batch_size"))
+    check_flags(p, args, at_least_one=("n_synthetic", "n_val", "batch_size"),
+                ranges={"warmup_epochs": "[0, inf)", "blr": "(0, inf)", "weight_decay": "[0, inf)",
+                        "workers": "[0, inf)", "img_size": "[1, inf)"})
     if args.knn < 0 or args.epochs < 0:
         p.error(f"--knn and --epochs must be >= 0, got {args.knn} and {args.epochs}")
     if args.knn == 0 and args.epochs == 0:

@@ -37,7 +37,8 @@ Scale and faults (issue 10; README "Many GPUs and machines"):
                         process's shard had read and every process's RNG states: a killed and resumed run reaches
                         the parameters of an unbroken one, with any --workers (an item's crop depends on
                         (seed, epoch, index) only: data.SeededItems)
-    SIGTERM             finish the step, write checkpoint.pt, exit with 143; --save-every N also covers SIGKILL
+    SIGTERM, Ctrl-C     finish the step, write checkpoint.pt, exit with 143 / 130 (to the process or its whole
+                        group, with any --workers); --save-every N also covers SIGKILL
     unreadable files    skipped and counted; when a shard runs out early (whole batches unreadable), every process
                         ends the epoch at the same step (engine.any_process), the step left partial is dropped and
                         the lr follows the run's position (epoch x steps per epoch + step), so it still ends at
@@ -52,6 +53,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -154,7 +156,9 @@ def get_args(argv=None, parser=None):
                 f"{args.val_size}")
     if args.accum_iter < 1 or args.save_every < 0:
         p.error(f"--accum-iter must be >= 1 and --save-every >= 0, got {args.accum_iter} and {args.save_every}")
-    check_flags(p, args)
+    check_flags(p, args, ranges={"blr": "(0, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)", "warmup_epochs": "[0, inf)",
+                                 "weight_decay": "[0, inf)", "clip_grad": "[0, inf)", "workers": "[0, inf)",
+                                 "n_synthetic": "[1, inf)", "max_steps": "[1, inf)", "scale_max": "(0, inf)"})
     if args.amp == "fp16" and torch.device(args.device).type != "cuda":
         p.error(f"--amp fp16 needs a CUDA device (it relies on a GradScaler), got {args.device}; use --amp bf16")
     try:
@@ -214,26 +218,37 @@ def save_epoch_grid(path, model, imgs, backend, patch_size, seed=0):
 
 
 class Preemption:
-    """SIGTERM (what cluster schedulers send before they stop a job) becomes a request: the training loop
-    finishes its step, writes a checkpoint and exits with 143 (128 + SIGTERM). A context manager; the
-    previous handler comes back on exit. Outside the main thread signals cannot be caught: a no-op there."""
+    """SIGTERM (what cluster schedulers send before they stop a job) and SIGINT (Ctrl-C) become a request: the
+    training loop finishes its step, writes a checkpoint and exits with 128 + the signal (143, 130). A second one
+    stops at once, keeping the last checkpoint. Data loader workers leave the process group (data.make_loader), so
+    a signal sent to the whole group, as a scheduler or a terminal does, reaches the loop alone. A context manager; the
+    previous handlers come back on exit. Outside the main thread signals cannot be caught: a no-op there."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self.previous = None
+        self.signum = None
+        self.previous = {}
+
+    @property
+    def requested(self):
+        return self.signum is not None
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.signum is not None:
+            print(f"{signal.Signals(signum).name} again: stopped at once; the last checkpoint is kept", file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -330,7 +345,7 @@ def train_step(ddp_model, batches, optimizer, scaler, progress, batch_size, accu
         with contextlib.nullcontext() if last or ddp_model is model else ddp_model.no_sync():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = ddp_model(imgs, backend=backend)["loss"]
-            # One all-reduce: the mean loss, and whether any process got SIGTERM (all stop together).
+            # One all-reduce: the mean loss, and whether any process got SIGTERM or SIGINT (all stop together).
             sigterm = float(preemption is not None and preemption.requested)
             loss_value, stop = all_reduce_sum([loss.item() / world_size, sigterm], device)
             if not math.isfinite(loss_value):
@@ -396,12 +411,13 @@ def append_log(out, record, completed=None):
             f.write(json.dumps(record) + "\n")
 
 
-def stop_on_sigterm(save, progress, steps_per_epoch, ckpt_path, log):
-    """The step is finished: write checkpoint.pt and exit with 143 (128 + SIGTERM), as schedulers expect."""
+def stop_on_signal(save, progress, steps_per_epoch, ckpt_path, log, signum):
+    """The step is finished: write checkpoint.pt and exit with 128 + signum (143 for SIGTERM, as schedulers
+    expect; 130 for Ctrl-C). Processes that learnt of the stop from another one exit as for SIGTERM."""
     save()
-    log(f"SIGTERM: saved {ckpt_path} at step {progress.step} ({progress.epoch_step} of {steps_per_epoch} in epoch "
-        f"{progress.epoch + 1}); continue with --resume")
-    raise SystemExit(128 + signal.SIGTERM)
+    log(f"{signal.Signals(signum).name}: saved {ckpt_path} at step {progress.step} ({progress.epoch_step} of "
+        f"{steps_per_epoch} in epoch {progress.epoch + 1}); continue with --resume")
+    raise SystemExit(128 + signum)
 
 
 def validation_images(data, img_size, val_size, seed, device, val_fraction=VAL_FRACTION):
@@ -487,7 +503,7 @@ def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, war
             bar.update(1)
             bar.set_postfix(loss=f"{result[0]:.4f}", img_s=f"{(progress.sums[1] - seen_before) / (time.time() - t0):.0f}")
             if result[1]:
-                stop_on_sigterm(save, progress, steps_per_epoch, ckpt_path, log)
+                stop_on_signal(save, progress, steps_per_epoch, ckpt_path, log, preemption.signum or signal.SIGTERM)
             if save_every and progress.step % save_every == 0 and progress.epoch_step < steps_per_epoch:
                 save()
         bar.close()

@@ -604,20 +604,11 @@ def build_parser():
     return p
 
 
-def range_error(threshold, max_size, synthetic, size, limit):
-    """The one-line message for the first numeric flag outside its range, or None (None: a flag not given)."""
-    if threshold is not None and not 0 < threshold < 1:
-        return (f"--threshold must be in (0, 1), got {threshold}: a pixel's change, the largest over its channels, "
-                "lies in [0, 1]")
-    if max_size < 0:
-        return f"--max-size must be >= 0 (0: no bound), got {max_size}"
-    if synthetic < 0:
-        return f"--synthetic must be >= 0 (0: a folder dataset), got {synthetic}"
-    if size < 8:
-        return f"--size must be >= 8 (the synthetic scenes' shapes need it), got {size}"
-    if limit is not None and limit < 1:
-        return f"--limit must be >= 1 (leave it out for every image), got {limit}"
-    return None
+FLAG_RANGES = {"layers": "[1, inf)", "tiles": "[2, inf) a window size in pixels", "nthresh": "[1, inf)",
+               "workers": "[1, inf)", "max_size": "[0, inf) 0: no bound", "seed": "[0, 4294967295]",
+               "threshold": "(0, 1) a pixel's change, the largest over its channels, lies in [0, 1]",
+               "synthetic": "[0, inf) 0: a folder dataset", "size": "[8, inf) the synthetic scenes' shapes need it",
+               "limit": "[1, inf) leave it out for every image", "mask": "[0, 1)"}
 
 
 def main(argv=None):
@@ -625,18 +616,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = args.out or os.path.join("runs", "zeroshot", args.command)
     layers, tiles, nthresh = getattr(args, "layers", None), getattr(args, "tiles", None), getattr(args, "nthresh", 1)
-    if layers is not None and layers < 1:
-        parser.error(f"--layers must be >= 1, got {layers}")
-    if tiles is not None and tiles < 2:
-        parser.error(f"--tiles is a window size in pixels, >= 2, got {tiles}")
-    if nthresh < 1:
-        parser.error(f"--nthresh must be >= 1, got {nthresh}")
-    if getattr(args, "workers", 1) < 1:
-        parser.error(f"--workers must be >= 1, got {args.workers}")
-    error = range_error(getattr(args, "threshold", None), args.max_size, getattr(args, "synthetic", 0),
-                        getattr(args, "size", 8), getattr(args, "limit", None))
-    if error:
-        parser.error(error)
+    engine.check_ranges(parser, args, FLAG_RANGES)
     if args.command == "eval-depth" and args.synthetic < 1:
         parser.error("eval-depth needs --synthetic N (N >= 1): it scores depth against the scenes' paint order")
     score_folder = args.command == "eval-edges" and bool(args.pred or args.gt)

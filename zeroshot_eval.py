@@ -44,9 +44,10 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 import data
+import engine
 
 EVAL_HINT = "pip install -r requirements-eval.txt"
 
@@ -337,15 +338,28 @@ def fg_items(synthetic, size, anywhere, masks, limit):
     if not paths:
         raise FileNotFoundError(f"no images found under {img_dir} (looked for {', '.join(data.IMG_EXTENSIONS)})")
     items = []
-    for path in paths:
-        mask_path = os.path.join(mask_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
+    for path in paths:  # the mask at the image's path under images/, as a PNG
+        mask_path = os.path.join(mask_dir, os.path.splitext(os.path.relpath(path, img_dir))[0] + ".png")
         if not os.path.isfile(mask_path):
             raise FileNotFoundError(f"no mask for {path}: expected {mask_path} (white = figure)")
         img = data.to_tensor(data.load_rgb(path))  # data.BrokenImageError names a file that cannot be decoded
-        gt = torch.from_numpy(np.asarray(data.load_rgb(mask_path).convert("L")) > 127)
+        gt = torch.from_numpy(load_mask(mask_path))
         check_same_size(mask_path, gt.shape, path, img.shape[-2:])
         items.append((img, gt))
     return items, os.path.basename(os.path.normpath(masks))
+
+
+def load_mask(path):
+    """A figure-ground mask file -> bool [H, W]: figure where it is bright (> 127 of 255). Transparent pixels are
+    background: the mask is laid on black, not on the white that images get (data.to_rgb)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgba = ImageOps.exif_transpose(im).convert("RGBA")
+    except Exception as e:
+        raise data.BrokenImageError(f"could not read mask {path}: {e}. Replace or delete the file.") from e
+    black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    return np.asarray(Image.alpha_composite(black, rgba).convert("L")) > 127
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,8 +375,7 @@ def print_table(title, rows, columns):
 
 def save_results(out, name, results):
     path = os.path.join(out, name)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
+    engine.write_whole(path, json.dumps(results, indent=1).encode())
     print(f"wrote {path}")
 
 

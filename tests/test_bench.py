@@ -8,6 +8,7 @@ import torch
 
 import bench
 import splat
+from cli import cli_error
 
 CPU = torch.device("cpu")
 
@@ -37,19 +38,19 @@ def test_backends_that_cannot_run_on_the_device_are_skipped_with_a_message():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
-def test_device_cuda_without_a_gpu_is_a_clear_error():
-    with pytest.raises(SystemExit, match="torch.cuda.is_available\\(\\) is False"):
-        bench.main(["--device", "cuda", "--quick"])
+def test_device_cuda_without_a_gpu_is_a_clear_error(capsys):
+    message = cli_error(capsys, bench.main, ["--device", "cuda", "--quick"])
+    assert message.startswith("--device cuda: a CPU-only torch build") or "no GPU visible" in message
 
 
 def test_quick_run_on_cpu_reports_every_backend_and_ratios_that_are_the_quotients_of_its_times(
     small_scenes, tmp_path, capsys
 ):
     path = tmp_path / "bench.json"
-    bench.main(["--device", "cpu", "--splat", "cpu", "cuda", "--quick", "--batch", "2", "--train-batch", "4",
+    bench.main(["--device", "cpu", "--splat", "cpu", "--quick", "--batch", "2", "--train-batch", "4",
                 "--json", str(path)])
     out = capsys.readouterr().out
-    assert "skipping backend 'cuda'" in out and "device cpu" in out
+    assert "device cpu" in out
     result = json.loads(path.read_text())
     assert result["device"] == "cpu" and result["backends"] == ["torch", "cpu"]
 
@@ -91,3 +92,27 @@ def test_sim_section_times_cuda_sim_under_each_schedule_against_cpu(monkeypatch,
         assert set(row["ms"]) == {"cpu", *names} and all(ms > 0 for ms in row["ms"].values())
         assert row["slowdown"] == {n: pytest.approx(row["ms"][n] / row["ms"]["cpu"], rel=1e-12) for n in names}
     assert os.environ["CUDA_SIM_SCHEDULE"] == "reversed"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--splat", "cpu", "cuda"], "--splat cuda cannot run on --device cpu"),
+    (["--batch", "0"], "--batch must be in [1, inf), got 0"),
+    (["--repeats", "0"], "--repeats must be in [1, inf), got 0"),
+    (["--train-batch", "0"], "--train-batch must be in [1, inf), got 0"),
+    (["--per-token", "laptop", "--per-token-ks", "64", "0"], "--per-token-ks must be in [1, inf), got 0"),
+    (["--max-dense-gb", "nan"], "--max-dense-gb must be a finite number, got nan"),
+    (["--device", "gpu"], "--device 'gpu' is not a device torch knows"),
+])
+def test_bad_flags_stop_in_one_line_before_any_work(capsys, argv, message):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("cuda runs here")
+    device = [] if argv[0] == "--device" else ["--device", "cpu"]
+    assert cli_error(capsys, bench.main, device + argv).startswith(message)
+
+
+def test_json_never_replaces_another_file(tmp_path, capsys):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    assert "is not a result of this command" in cli_error(capsys, bench.main, ["--sim", "--json", str(notes)])
+    assert notes.read_text() == '{"mine": 1}'
+    assert "is a folder" in cli_error(capsys, bench.main, ["--sim", "--json", str(tmp_path)])

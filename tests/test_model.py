@@ -43,7 +43,7 @@ def test_masking_differs_per_sample():
 
 
 def test_mask_ratio_of_one_is_a_clear_error():
-    with pytest.raises(ValueError, match="leaves the encoder no patch"):
+    with pytest.raises(ValueError, match="would leave the encoder no patch"):
         M.random_masking(torch.randn(1, 16, 4), 1.0)
     with pytest.raises(ValueError, match="--mask"):
         small_config(mask_ratio=1.0)

@@ -21,9 +21,11 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import engine
 import study
 import train
+import zeroshot_eval
 from model import GMAE, GMAEConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,3 +162,59 @@ def test_study_render_with_a_broken_result_changes_no_page(tmp_path, monkeypatch
     with pytest.raises(ValueError, match=r"laptop.json cannot be rendered .*run `python study.py quick --only laptop`"):
         study.render(page=str(page), readme=str(readme))
     assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data read once and paired by path
+
+
+def png(path, value=0, size=(12, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, 100, 200)).save(path)
+    return path
+
+
+def test_a_symlink_loop_lists_each_image_once(tmp_path):
+    for i in range(4):
+        png(tmp_path / "photos" / f"{i}.png", value=i)
+    os.symlink(tmp_path / "photos", tmp_path / "photos" / "loop")  # photos/loop/loop/... without end
+    os.symlink(tmp_path / "photos" / "0.png", tmp_path / "photos" / "again.png")
+    assert [os.path.basename(p) for p in data.list_images(str(tmp_path / "photos"))] == ["0.png", "1.png", "2.png",
+                                                                                         "3.png"]
+
+
+def test_tiff_gif_and_float_tiff_are_read(tmp_path):
+    png(tmp_path / "a.png")
+    Image.new("RGB", (8, 6), (10, 20, 30)).save(tmp_path / "b.gif")
+    Image.new("RGB", (8, 6), (10, 20, 30)).save(tmp_path / "c.tif")
+    Image.fromarray(np.full((6, 8), 0.5, dtype=np.float32), mode="F").save(tmp_path / "d.tiff")
+    assert sorted(os.path.basename(p) for p in data.list_images(str(tmp_path))) == ["a.png", "b.gif", "c.tif", "d.tiff"]
+    assert np.asarray(data.load_rgb(tmp_path / "d.tiff")).mean() == 128  # 0.5 of [0, 1], not black
+    assert np.asarray(data.load_rgb(tmp_path / "c.tif"))[0, 0].tolist() == [10, 20, 30]
+
+
+def test_masks_pair_by_relative_path_and_transparency_is_background(tmp_path):
+    png(tmp_path / "ecssd" / "images" / "sub" / "a.jpg")
+    png(tmp_path / "ecssd" / "ground_truth_mask" / "a.png")  # a mask of another image called a
+    with pytest.raises(FileNotFoundError, match=r"no mask for .*sub/a.jpg: expected .*ground_truth_mask/sub/a.png"):
+        zeroshot_eval.fg_items(0, 8, False, str(tmp_path / "ecssd"), None)
+    rgba = np.zeros((10, 12, 4), dtype=np.uint8)
+    rgba[..., :3] = 255  # white everywhere, but only the centre is opaque
+    rgba[3:7, 4:8, 3] = 255
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "mask.png")
+    figure = zeroshot_eval.load_mask(tmp_path / "mask.png")
+    assert figure.sum() == 16 and figure[3:7, 4:8].all()
+
+
+def test_a_val_split_that_copies_train_and_a_single_class_are_refused(tmp_path):
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            for i in range(3):
+                png(tmp_path / "copied" / split / c / f"{split}{i}.png", value=10 * i + (c == "dog"))
+    with pytest.raises(ValueError, match=r"6 image files of .* are in both train and val .* by path or by content"):
+        data.labelled_splits(str(tmp_path / "copied"), 16)
+    for i in range(3):
+        png(tmp_path / "one" / "train" / "cat" / f"{i}.png", value=i)
+        png(tmp_path / "one" / "val" / "cat" / f"{i}.png", value=100 + i)
+    with pytest.raises(ValueError, match="has one class .cat.: every answer would be right"):
+        data.labelled_splits(str(tmp_path / "one"), 16)

@@ -92,12 +92,15 @@ if os.environ.get("SAME_RANDOMNESS"):
 if os.environ.get("FIRST_GRADIENTS"):
     record_first_gradients(os.environ["FIRST_GRADIENTS"])
 kill_at = int(os.environ.get("KILL_AT_CALL", "0"))
+group_at = int(os.environ.get("SIGNAL_GROUP_AT_CALL", "0"))
 calls = [0]
 real_forward = model.GMAE.forward
 def forward(self, imgs, *args, **kw):
     calls[0] += self.training
     if calls[0] == kill_at and self.training:
         os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: what the OOM killer or a node loss does
+    if calls[0] == group_at and self.training:  # to the whole group, loader workers included: Slurm, Ctrl-C
+        os.killpg(os.getpgid(0), getattr(signal, os.environ["SIGNAL_NAME"]))
     return real_forward(self, imgs, *args, **kw)
 model.GMAE.forward = forward
 train.main(sys.argv[1:])
@@ -112,7 +115,8 @@ def run_script(tmp_path, args, nproc=1, **env):
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                   str(runner)]
     env = {**os.environ, **{k: str(v) for k, v in env.items()}}
-    return subprocess.run(launch + args, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(launch + args, env=env, capture_output=True, text=True, timeout=300,
+                          start_new_session=True)  # its own process group, which a test may signal whole
 
 
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
@@ -197,6 +201,23 @@ def test_sigterm_saves_then_exits_and_resume_is_bit_identical(tmp_path, monkeypa
     log_a, log_b = read_log(tmp_path / "unbroken"), read_log(out)
     assert [r["train_loss"] for r in log_a] == [r["train_loss"] for r in log_b]
     assert [r["val_loss"] for r in log_a] == [r["val_loss"] for r in log_b]
+
+
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_to_the_whole_process_group_saves_exits_in_one_line_and_resumes_exactly(tmp_path, name, code):
+    # Loader workers leave the group (data.leave_process_group): the signal reaches the loop, which saves and stops.
+    args = SMALL + ["--epochs", "2", "--workers", "2"]
+    train.main(args + ["--out", str(tmp_path / "unbroken")])
+    out = str(tmp_path / "stopped")
+    run = run_script(tmp_path, args + ["--out", out], SIGNAL_GROUP_AT_CALL=11, SIGNAL_NAME=name)
+    assert run.returncode == code, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and "killed by signal" not in run.stderr, run.stderr[-3000:]
+    assert f"{name}: saved {out}/checkpoint.pt at step 11" in run.stdout
+    ckpt = engine.read_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_images"]) == (1, 11, 3 * 8)
+    train.main(args + ["--out", out, "--resume"])
+    a, b = weights(tmp_path / "unbroken"), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the unbroken run"
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, monkeypatch):

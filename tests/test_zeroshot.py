@@ -262,7 +262,7 @@ def test_missing_image_or_checkpoint_is_a_one_line_error(ckpt, tmp_path, capsys)
 
 
 def test_bad_flags_are_a_one_line_error(ckpt, tmp_path, capsys):
-    assert cli_error(capsys, Z.main, ["edges", str(tmp_path), "--layers", "0"]) == "--layers must be >= 1, got 0"
+    assert cli_error(capsys, Z.main, ["edges", str(tmp_path), "--layers", "0"]) == "--layers must be in [1, inf), got 0"
     assert cli_error(capsys, Z.main, ["layers", str(tmp_path), "--ckpt", ckpt, "--layers", "17"]) == (
         "--layers 17 is more than the model's 16 Gaussians")
     assert cli_error(capsys, Z.main, ["eval-edges", "--pred", str(tmp_path)]).startswith("--pred and --gt go together")

@@ -233,12 +233,16 @@ def test_a_finetuned_checkpoint_is_a_one_line_error(tmp_path, capsys):
     (["figure-ground", "x.png", "--threshold", "0"], "--threshold must be in (0, 1), got 0.0"),
     (["edges", "x.png", "--threshold", "1"], "--threshold must be in (0, 1), got 1.0"),
     (["eval-fg", "--synthetic", "2", "--threshold", "-0.1"], "--threshold must be in (0, 1), got -0.1"),
-    (["edges", "x.png", "--max-size", "-1"], "--max-size must be >= 0 (0: no bound), got -1"),
-    (["eval-fg", "--synthetic", "-3"], "--synthetic must be >= 0 (0: a folder dataset), got -3"),
-    (["eval-depth", "--synthetic", "2", "--size", "4"], "--size must be >= 8 (the synthetic scenes' shapes need it)"),
-    (["eval-fg", "--masks", "m", "--limit", "0"], "--limit must be >= 1 (leave it out for every image), got 0"),
-    (["eval-edges", "--bsds", "b", "--limit", "-1"], "--limit must be >= 1 (leave it out for every image), got -1"),
-    (["eval-edges", "--bsds", "b", "--workers", "0"], "--workers must be >= 1, got 0"),
+    (["edges", "x.png", "--max-size", "-1"], "--max-size must be in [0, inf), got -1 (0: no bound)"),
+    (["eval-fg", "--synthetic", "-3"], "--synthetic must be in [0, inf), got -3 (0: a folder dataset)"),
+    (["eval-depth", "--synthetic", "2", "--size", "4"], "--size must be in [8, inf), got 4 (the synthetic scenes'"),
+    (["eval-fg", "--masks", "m", "--limit", "0"], "--limit must be in [1, inf), got 0 (leave it out for every image)"),
+    (["eval-edges", "--bsds", "b", "--limit", "-1"], "--limit must be in [1, inf), got -1"),
+    (["eval-edges", "--bsds", "b", "--workers", "0"], "--workers must be in [1, inf), got 0"),
+    (["recon", "x.png", "--mask", "1.5"], "--mask must be in [0, 1), got 1.5"),
+    (["recon", "x.png", "--mask", "nan"], "--mask must be a finite number, got nan"),
+    (["edges", "x.png", "--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (["edges", "x.png", "--tiles", "1"], "--tiles must be in [2, inf), got 1 (a window size in pixels)"),
 ])
 def test_numeric_flags_out_of_range_are_one_line_errors(tmp_path, capsys, argv, message):
     none = str(tmp_path / "none.pt")  # the ranges are checked before the checkpoint is read
