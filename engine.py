@@ -6,6 +6,7 @@ util/misc.py, util/lr_sched.py and util/lr_decay.py).
 
     save_checkpoint / read_checkpoint / load_checkpoint     atomic writes, clear errors, the model rebuilt
     claim_run_folder / check_output / write_whole           outputs never over a run or an input; whole or not at all
+    check_flags / check_ranges                              every flag's range (and finiteness) before any work
     rng_states / set_rng_states                             every RNG a step draws from, for exact resume
     distributed / wrap_ddp / unwrap / all_reduce_sum        torchrun's process group (no-ops in one process)
     any_process                                             all processes stop an epoch together
@@ -156,8 +157,11 @@ def read_checkpoint(path, device="cpu"):
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # zip, pickle and EOF errors, depending on where the file was cut
         reason = (str(e).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"{path} cannot be read as a checkpoint (truncated, or not written by torch.save): "
-                              f"{type(e).__name__}: {reason}. Delete it, or resume from an older copy") from None
+        with open(path, "rb") as f:
+            zipped = b"PK\x03\x04".startswith(f.read(4))  # torch.save writes a zip archive (or was cut before it)
+        raise CheckpointError(f"{path} cannot be read as a checkpoint: " + (
+            f"a cut or damaged torch file ({type(e).__name__}: {reason}); resume from an older copy or train again"
+            if zipped else "it is not a file written by torch.save; pass the checkpoint.pt a train.py run wrote")) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"{path} is not a checkpoint written by train.py or finetune.py (no 'model' and 'config')")
     names = {f.name for f in fields(GMAEConfig)}
@@ -419,6 +423,15 @@ def collect_images(paths):
             found.setdefault(os.path.abspath(f), (f, rel))
     files = [f for f, _ in found.values()]
     return list(zip(files, output_names(files, [rel for _, rel in found.values()])))
+
+
+def check_outputs_are_not_inputs(files, out, suffixes):
+    """engine.OutputError if one of the files a command would write (OUT/<name><suffix>) is one of its inputs."""
+    inputs = {os.path.realpath(path) for path, _ in files}
+    for _, name in files:
+        for dest in (os.path.join(out, name + suffix) for suffix in suffixes):
+            if os.path.realpath(dest) in inputs:
+                raise OutputError(f"--out {out}: the output {dest} is one of the inputs; give another --out")
 
 
 def output_names(files, rels):

@@ -90,6 +90,7 @@ from engine import (
 from model import GMAE, MODEL_SIZES, GMAEConfig, patchify, reconstruction_metrics, unpatchify
 
 RUN_MARKS = ("checkpoint.pt", "log.jsonl")  # an --out holding one of these holds a run: it is not replaced unasked
+RUN_OWNED = ("recon_epoch*.png", "checkpoint.pt.tmp")  # the run's other files, which --overwrite deletes too
 
 
 class TrainingDiverged(RuntimeError):
@@ -275,6 +276,10 @@ def resume_run(path, cfg, model, optimizer, scaler, steps_per_epoch, global_batc
         ckpt = read_checkpoint(path, device)
     except CheckpointError as e:
         raise CheckpointError(f"--resume: {e}") from None
+    if ckpt.get("kind") == "finetune" or "optimizer" not in ckpt:
+        what = "a finetune.py classifier" if ckpt.get("kind") == "finetune" else "a checkpoint without optimizer state"
+        raise CheckpointError(f"--resume: {path} is {what}, not a train.py run to continue; start a new run with "
+                              "another --out, or --overwrite")
     if ckpt["config"] != cfg:
         raise ValueError(f"--resume: the checkpoint's config {ckpt['config']} differs from the flags' {cfg}")
     model.load_state_dict(ckpt["model"])
@@ -295,6 +300,8 @@ def resume_run(path, cfg, model, optimizer, scaler, steps_per_epoch, global_batc
         set_rng_states(ckpt["rng"][rank])  # masks continue as if never stopped (crops follow (seed, epoch, index))
     if progress.epoch_step:
         progress.epoch_items = resume_offset(ckpt, progress.epoch_step, global_batch, rank, world_size, exact)
+    if rank == 0:
+        append_log(os.path.dirname(path), None, completed=progress.epoch)  # no line past the checkpoint's epochs
     return progress, (f"resumed from {path} at epoch {progress.epoch + 1}, step {progress.step} ({progress.epoch_step} "
                       "into the epoch)" + ("" if exact else "; another global batch or process count, so RNG streams restart"))
 
@@ -442,10 +449,8 @@ def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, war
     random.seed(seed)
     np.random.seed(seed)
     if main_process:  # refused if --out holds a run and neither --resume nor --overwrite is given; locked
-        claim_run_folder(out, resume, overwrite, RUN_MARKS, owned=("recon_epoch*.png", "checkpoint.pt.tmp"),
-                         inputs=[data] if data != "synthetic" else [])
+        claim_run_folder(out, resume, overwrite, RUN_MARKS, RUN_OWNED, inputs=[data] if data != "synthetic" else [])
     ckpt_path = os.path.join(out, "checkpoint.pt")
-
     train_set = build_dataset(data, cfg.img_size, train=True, n_synthetic=n_synthetic, seed=seed,
                               val_fraction=val_fraction)
     # Each process reads its own shard of one permutation per epoch: together, batch x world_size images.
@@ -471,17 +476,13 @@ def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, war
         progress, message = resume_run(ckpt_path, cfg, model, optimizer, scaler, steps_per_epoch, global_batch, rank,
                                        world_size, device)
         log(message)
-        if main_process:
-            append_log(out, None, completed=progress.epoch)
     save = functools.partial(save_run, ckpt_path, model, optimizer, scaler, cfg, progress, global_batch, device,
                              main_process, data)
     total_steps, warmup_steps = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"{cfg.decoder} decoder, {n_params / 1e6:.2f}M parameters, {len(train_set)} images, {steps_per_epoch} "
-        f"steps/epoch, global batch {global_batch} = {batch_size} x {accum_iter} accum x {world_size} processes, "
-        f"lr {lr:.2e}, device {device}, splat {backend}, amp {amp or 'off'}")
-    log(split_note(data, val_fraction))
-
+    log(f"{cfg.decoder} decoder, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_set)} "
+        f"images, {steps_per_epoch} steps/epoch, global batch {global_batch} = {batch_size} x {accum_iter} accum x "
+        f"{world_size} processes, lr {lr:.2e}, device {device}, splat {backend}, amp {amp or 'off'}\n"
+        + split_note(data, val_fraction))
     t_start = time.time()
     for epoch in range(progress.epoch, epochs):
         progress.epoch = epoch
@@ -491,8 +492,7 @@ def pretrain(cfg, *, data, n_synthetic, epochs, batch_size, blr, lr, min_lr, war
         bar = tqdm(total=steps_per_epoch, initial=progress.epoch_step, desc=f"epoch {progress.epoch + 1}/{epochs}",
                    leave=False, disable=not main_process)
         while progress.epoch_step < steps_per_epoch and (max_steps is None or progress.step < max_steps):
-            # The run's position, not the steps taken: an epoch that ended early counts as whole, so the
-            # cosine still ends at --min-lr.
+            # The run's position, not the steps taken: an epoch ended early counts whole (the cosine ends at min-lr)
             position = progress.epoch * steps_per_epoch + progress.epoch_step
             set_lr(optimizer, lr_at(position, total_steps, warmup_steps, lr, min_lr))
             result = train_step(ddp_model, batches, optimizer, scaler, progress, batch_size, accum_iter, amp_dtype,

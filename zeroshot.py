@@ -16,40 +16,30 @@ Encode the whole image (mask 0), take the K Gaussians and sort them by depth, fr
         The soft edge map in [0, 1] is the mean of these binary maps over several L and thresholds, so the
         BSDS benchmark has levels to sweep; fewer, wider layers give coarser, cleaner edges (Fig. 8).
 
-Any image size and aspect: the image is resized (squashed) to the model's S x S and the Gaussians are rendered
-at the working size, the input's H x W with its longest side brought down to --max-size (default 512, aspect
-kept; 0 = no bound), then maps and masks are resized back to H x W (edges bilinear, masks nearest). The camera
-maps x, y in [-1, 1] onto the whole image whatever its size (focal W/2, H/2), so a render at H x W is the same
-picture as at S x S, only sharper; the bound keeps the L + 1 renders of a 24 MP photo from taking gigabytes.
-`edges --tiles WIN` instead runs overlapping WIN x WIN windows of the working image (stride WIN/2, each resized
-to S x S) and blends their edge maps with a tent weight, so a 32 px model gives a 481 x 321 edge map with
-local detail.
+Any image size and aspect: the image is squashed to the model's S x S and the Gaussians rendered at the working
+size, H x W with the longest side brought down to --max-size (default 512; 0 = no bound), then maps are resized
+back to H x W. The camera maps x, y in [-1, 1] onto the whole image whatever its size, so a render at H x W is the
+picture at S x S, only sharper. `edges --tiles WIN` runs overlapping WIN x WIN windows of the working image
+(stride WIN/2) instead and blends their edge maps with a tent weight: local detail from a 32 px model.
 
 Depth controls (--depth; zeroshot_eval.py scores the readings against them): permuted (each image's z values
 shuffled among its Gaussians) and radial (z from the centre's distance to the image centre: position only).
 
-Commands (each takes image files and/or folders, JPEG or PNG, any size; writes OUT/<name>..., one suffix per
-command, so commands can share --out). <name> is the file's path under the folder given (its own name for a file
-given directly) without the extension, which is folded in (x.jpg -> x_jpg) where two inputs differ only by it;
-two inputs that would still share a name are refused. --device (default: cuda when available) runs the model
-and the renders there:
+Commands (image files and/or folders of any size; each writes OUT/<name> plus a suffix of its own, <name> being
+the file's path under the folder given, without the extension; `python zeroshot.py -h` lists them all):
     python zeroshot.py recon  img.jpg [--mask 0.75]      <name>_recon.png: input | reconstruction, PSNR printed
     python zeroshot.py layers img.jpg --layers 4         <name>_layers.png: layer map, groups (Fig. 6), first k (Fig. 7)
     python zeroshot.py figure-ground img.jpg             <name>_fg.png mask (input size), <name>_fg_overlay.png
     python zeroshot.py edges  img.jpg [--tiles 96]        <name>.png soft edges, input size, white = edge (BSDS layout)
     python zeroshot.py gaussians img.jpg                  <name>_gaussians.png: centres, scale vs depth (Fig. 10)
-    python zeroshot.py export img.jpg                     <name>.ply + <name>_cameras.json: a 3DGS scene and camera
-    python zeroshot.py eval-edges --pred DIR --gt DIR     ODS / OIS / AP of `edges` PNGs against BSDS .mat boundaries
-    python zeroshot.py eval-edges --split val | --synthetic 200            GMAE, its controls and Sobel, scored
-    python zeroshot.py eval-fg [--masks DIR | --synthetic 200 [--anywhere]]   IoU, F of figure-ground vs controls
-    python zeroshot.py eval-depth --synthetic 200 [--anywhere]  threshold-free: fg AUC and paint-order rank corr.
+    python zeroshot.py export img.jpg                     <name>.ply + <name>_cameras.json: a 3DGS scene (ply.py)
+    python zeroshot.py eval-edges | eval-fg | eval-depth  scored against ground truth and controls (zeroshot_eval.py)
 
 The evaluation and plots need the optional packages of requirements-eval.txt (pyedgeeval, scipy, matplotlib).
 Shapes: B images, K Gaussians, L layers, H x W pixels; Gaussians [B, K, 14] as in splat.py.
 """
 import argparse
 import functools
-import json
 import math
 import os
 import sys
@@ -58,12 +48,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 import data
 import engine
 import splat
 import zeroshot_eval
 from model import check_mask_ratio, psnr, to_pixels
+from ply import write_cameras, write_ply
 
 DEFAULT_CKPT = os.path.join("runs", "gmae", "checkpoint.pt")  # train.py's default --out
 EDGE_LAYERS = (2, 4, 8)  # the soft edge map averages over these L ...
@@ -247,13 +239,25 @@ def edge_map(net, img, depth="learned", tiles=None, layers=EDGE_LAYERS, threshol
     if tiles is None:
         return resize_map(one(work), H, W, "bilinear")
     win = min(tiles, h, w)
+    windows = [(top, left) for top in window_starts(h, win) for left in window_starts(w, win)]
+    if len(windows) > MAX_WINDOWS:  # each one is a pass of the model: --tiles 2 on a photo would take hours
+        raise ValueError(f"--tiles {tiles} cuts the {w} x {h} working image into {len(windows)} windows, more than "
+                         f"{MAX_WINDOWS}; use --tiles {min_tiles(h, w)} or more, or a smaller --max-size")
     out, weight = torch.zeros(h, w), torch.zeros(h, w)
     w2d = tent(win)[:, None] * tent(win)[None, :]
-    for top in window_starts(h, win):
-        for left in window_starts(w, win):
-            out[top:top + win, left:left + win] += w2d * one(work[:, top:top + win, left:left + win])
-            weight[top:top + win, left:left + win] += w2d
+    for top, left in tqdm(windows, desc="windows", leave=False, disable=len(windows) < 16):
+        out[top:top + win, left:left + win] += w2d * one(work[:, top:top + win, left:left + win])
+        weight[top:top + win, left:left + win] += w2d
     return resize_map(out / weight, H, W, "bilinear")
+
+
+MAX_WINDOWS = 1024
+
+
+def min_tiles(h, w):
+    """The smallest --tiles whose windows of an h x w image number at most MAX_WINDOWS."""
+    return next(t for t in range(2, max(h, w) + 1)
+                if len(window_starts(h, min(t, h, w))) * len(window_starts(w, min(t, h, w))) <= MAX_WINDOWS)
 
 
 def figure_ground_of(g, H, W, layers, threshold, backend="auto", max_size=None):
@@ -365,80 +369,6 @@ def plot_gaussians(g, img, path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# PLY export: a 3-D scene in the layout of the 3DGS reference code (Kerbl et al. 2023), and its camera
-
-SH_C0 = 0.28209479177387814  # the degree-0 spherical harmonic, 1 / (2 sqrt(pi))
-PLY_FIELDS = ("x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", *(f"f_rest_{i}" for i in range(45)),
-              "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3")
-
-
-def write_ply(path, g):
-    """Write Gaussians [K, 14] as a binary little-endian PLY with the vertex properties of 3DGS's save_ply, in its
-    order (float32), whole or not at all (a temporary file renamed over path):
-        x y z        centre
-        nx ny nz     0 (unused, kept because 3DGS writes them)
-        f_dc_0..2    (rgb - 0.5) / SH_C0, colour as a degree-0 spherical harmonic
-        f_rest_0..44 0: the view-dependent bands of SH degree 3, so the original 3DGS code loads the file with
-                     its defaults (its load_ply asserts 45 of them)
-        opacity      logit(opacity), opacities clamped to [1e-6, 1 - 1e-6]
-        scale_0..2   log(scale), scales at least 1e-12
-        rot_0..3     unit quaternion (w, x, y, z); a zero one is written as the identity (1, 0, 0, 0)
-    zeroshot export passes the scene of splat.to_pinhole, in its camera's frame. Non-finite values: ValueError."""
-    g = g.detach().double().cpu().numpy()
-    if not np.isfinite(g).all():
-        raise ValueError(f"{path}: the Gaussians hold NaN or inf; nothing written")
-    opacity = np.clip(g[:, 13], 1e-6, 1 - 1e-6)
-    norm = np.linalg.norm(g[:, 6:10], axis=1, keepdims=True)
-    quat = np.where(norm > 1e-12, g[:, 6:10] / np.maximum(norm, 1e-12), [1.0, 0.0, 0.0, 0.0])
-    cols = [g[:, 0], g[:, 1], g[:, 2], *np.zeros((3, len(g))), *((g[:, 10:13] - 0.5) / SH_C0).T,
-            *np.zeros((45, len(g))), np.log(opacity / (1 - opacity)), *np.log(np.maximum(g[:, 3:6], 1e-12)).T,
-            *quat.T]
-    header = ["ply", "format binary_little_endian 1.0", f"element vertex {len(g)}",
-              *(f"property float {name}" for name in PLY_FIELDS), "end_header"]
-    write_whole(path, ("\n".join(header) + "\n").encode("ascii") + np.stack(cols, axis=1).astype("<f4").tobytes())
-
-
-def write_cameras(path, name, camera):
-    """The camera of splat.to_pinhole as a 3DGS cameras.json: one entry, camera-to-world position and rotation
-    (the identity: the scene is in the camera's frame), the picture's size and focal lengths in pixels."""
-    entry = {"id": 0, "img_name": name, "width": camera["W"], "height": camera["H"], "position": [0.0, 0.0, 0.0],
-             "rotation": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], "fy": camera["fy"], "fx": camera["fx"]}
-    write_whole(path, (json.dumps([entry], indent=1) + "\n").encode())
-
-
-def write_whole(path, payload):
-    """payload to path.tmp, then renamed over path: a failed write leaves what was there."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_ply(path):
-    """Read a PLY written by write_ply back into Gaussians [K, 14] (float32 values, as stored)."""
-    with open(path, "rb") as f:
-        lines = []
-        while not lines or lines[-1] != "end_header":
-            lines.append(f.readline().decode("ascii").strip())
-        names = [ln.split()[-1] for ln in lines if ln.startswith("property")]
-        count = int(next(ln for ln in lines if ln.startswith("element vertex")).split()[-1])
-        if tuple(names) != PLY_FIELDS:
-            raise ValueError(f"{path}: expected the properties of write_ply, got {tuple(names)[:12]} ...")
-        rows = np.frombuffer(f.read(4 * len(names) * count), dtype="<f4").reshape(count, len(names))
-    col = {n: rows[:, i].astype(np.float64) for i, n in enumerate(names)}
-    xyz = np.stack([col["x"], col["y"], col["z"]], 1)
-    scale = np.exp(np.stack([col[f"scale_{i}"] for i in range(3)], 1))
-    quat = np.stack([col[f"rot_{i}"] for i in range(4)], 1)
-    rgb = np.stack([col[f"f_dc_{i}"] for i in range(3)], 1) * SH_C0 + 0.5
-    opacity = 1 / (1 + np.exp(-col["opacity"]))
-    return torch.from_numpy(np.concatenate([xyz, scale, quat, rgb, opacity[:, None]], 1)).float()
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Commands on image files: each writes OUT/<name> plus a suffix of its own, so commands can share --out
 
 
@@ -480,8 +410,7 @@ def run_recon(net, img, path, dest, mask_ratio, seed, backend, max_size):
 
 
 def run_layers(net, img, dest, depth, layers, threshold, seed, backend):
-    g, _ = image_gaussians(net, img[None])
-    g = control_depth(g, depth, torch.Generator().manual_seed(seed))
+    g = control_depth(image_gaussians(net, img[None])[0], depth, torch.Generator().manual_seed(seed))
     layers_strip(g, img, layers, threshold, backend).save(dest + "_layers.png")
 
 
@@ -490,6 +419,7 @@ def run_figure_ground(net, img, dest, depth, layers, threshold, seed, backend, m
     g = control_depth(g, depth, torch.Generator().manual_seed(seed))
     fg = figure_ground_of(g, *img.shape[-2:], layers, threshold, backend, max_size)
     save_png(fg.float(), dest + "_fg.png")
+    flag_blank(fg, dest + "_fg.png", "all one side: the layers did not split")
     tint = torch.tensor([1.0, 0.2, 0.2], device=img.device).view(3, 1, 1)
     save_png(torch.where(fg, 0.5 * img + 0.5 * tint, 0.4 * img), dest + "_fg_overlay.png")
 
@@ -498,6 +428,12 @@ def run_edges(net, img, dest, depth, layers, thresholds, tiles, seed, backend, m
     """Writes <name>.png, no suffix: the BSDS layout that `eval-edges --pred` reads."""
     e = edge_map(net, img, depth, tiles, layers, thresholds, backend, torch.Generator().manual_seed(seed), max_size)
     save_png(e, dest + ".png")
+    flag_blank(e, dest + ".png", "no edge: the layer map is one layer everywhere")
+
+
+def flag_blank(result, path, why):  # a map that is the same everywhere carries no reading: say so
+    if result.numel() and bool((result == result.flatten()[0]).all()):
+        print(f"note: {path} is blank ({why})", file=sys.stderr)
 
 
 def run_gaussians(net, img, dest):
@@ -505,22 +441,11 @@ def run_gaussians(net, img, dest):
     plot_gaussians(g, img, dest + "_gaussians.png")
 
 
-def run_export(net, img, dest):
-    """<name>.ply: the Gaussians as the 3-D scene a pinhole camera at the origin draws as the project does at the
-    photo's size (splat.to_pinhole), and <name>_cameras.json: that camera."""
+def run_export(net, img, dest):  # the scene a pinhole draws as the project does (splat.to_pinhole), and its camera
     g, _ = image_gaussians(net, img[None])
     scene, camera = splat.to_pinhole(g[0], *img.shape[-2:])
     write_ply(dest + ".ply", scene)
     write_cameras(dest + "_cameras.json", os.path.basename(dest), camera)
-
-
-def check_no_output_is_an_input(files, out, suffixes):
-    """engine.OutputError if one of the files a command would write (OUT/<name><suffix>) is one of its inputs."""
-    inputs = {os.path.realpath(path) for path, _ in files}
-    for _, name in files:
-        for dest in (os.path.join(out, name + suffix) for suffix in suffixes):
-            if os.path.realpath(dest) in inputs:
-                raise engine.OutputError(f"--out {out}: the output {dest} is one of the inputs; give another --out")
 
 
 def run_on_images(command, files, out, write, device="cpu"):
@@ -581,34 +506,14 @@ def build_parser():
     for name in IMAGE_COMMANDS:
         sub.choices[name].add_argument("images", nargs="+", help="image files and/or folders")
 
-    synth = argparse.ArgumentParser(add_help=False)
-    synth.add_argument("--synthetic", type=int, default=0, help="evaluate on this many synthetic val scenes")
-    synth.add_argument("--anywhere", action="store_true", help="synthetic foreground placed anywhere, not near the centre")
-    synth.add_argument("--size", type=int, default=128, help="synthetic scene size in pixels (resized for the model)")
-    synth.add_argument("--limit", type=int, default=None, help="only the first N images of a folder dataset")
-    s = sub.add_parser("eval-edges", parents=[common, synth], help="ODS / OIS / AP (BSDS protocol)")
-    s.add_argument("--pred", help="folder of edge PNGs to score (<stem>.png, as `edges` writes)")
-    s.add_argument("--gt", help="folder of BSDS groundTruth .mat files")
-    s.add_argument("--split", default="val", choices=["train", "val", "test"], help="BSDS500 split to run")
-    s.add_argument("--bsds", help="BSDS500 root: ROOT/images/<split>/*.jpg, ROOT/groundTruth/<split>/*.mat "
-                                  "(the official archive's BSR/BSDS500/data)")
-    s.add_argument("--nthresh", type=int, default=99, help="thresholds swept (official benchmark: 99)")
-    s.add_argument("--workers", type=int, default=os.cpu_count(),
-                   help="processes for the BSDS matching, about a minute an image each (default: one per core)")
-    s.add_argument("--tiles", type=int, default=None, help="window size for edges (see edges --tiles)")
-    s = sub.add_parser("eval-fg", parents=[common, synth], help="IoU, F of figure-ground masks vs controls")
-    s.add_argument("--masks", help="figure-ground set: DIR/images/<stem>.jpg, DIR/ground_truth_mask/<stem>.png (ECSSD)")
-    s.add_argument("--layers", type=int, default=2, help="number of layers L")
-    s.add_argument("--threshold", type=float, default=LAYER_THRESHOLD, help="significant change of a pixel, in (0, 1)")
-    sub.add_parser("eval-depth", parents=[common, synth], help="fg AUC and paint-order rank correlation of depth")
+    zeroshot_eval.add_commands(sub, common, LAYER_THRESHOLD)
     return p
 
 
-FLAG_RANGES = {"layers": "[1, inf)", "tiles": "[2, inf) a window size in pixels", "nthresh": "[1, inf)",
-               "workers": "[1, inf)", "max_size": "[0, inf) 0: no bound", "seed": "[0, 4294967295]",
-               "threshold": "(0, 1) a pixel's change, the largest over its channels, lies in [0, 1]",
-               "synthetic": "[0, inf) 0: a folder dataset", "size": "[8, inf) the synthetic scenes' shapes need it",
-               "limit": "[1, inf) leave it out for every image", "mask": "[0, 1)"}
+FLAG_RANGES = {"layers": "[1, inf)", "tiles": "[2, inf) a window size in pixels", "nthresh": "[1, inf)", "workers":
+               "[1, inf)", "max_size": "[0, inf) 0: no bound", "seed": "[0, 4294967295]", "mask": "[0, 1)", "threshold":
+               "(0, 1) a pixel's change, the largest over its channels, lies in [0, 1]", "limit": "[1, inf) leave it out"
+               " for every image", "synthetic": "[0, inf) 0: a folder dataset", "size": "[8, inf) the scenes need it"}
 
 
 def main(argv=None):
@@ -617,17 +522,13 @@ def main(argv=None):
     out = args.out or os.path.join("runs", "zeroshot", args.command)
     layers, tiles, nthresh = getattr(args, "layers", None), getattr(args, "tiles", None), getattr(args, "nthresh", 1)
     engine.check_ranges(parser, args, FLAG_RANGES)
-    if args.command == "eval-depth" and args.synthetic < 1:
-        parser.error("eval-depth needs --synthetic N (N >= 1): it scores depth against the scenes' paint order")
+    if layers == 1 and args.command in ("edges", "figure-ground", "eval-edges", "eval-fg"):
+        parser.error(f"--layers 1 puts every Gaussian in one layer: {args.command} needs two or more to find a change")
+    if 0 < args.max_size < 16:
+        parser.error(f"--max-size must be 0 (no bound) or >= 16, got {args.max_size}: smaller maps hold no reading")
     score_folder = args.command == "eval-edges" and bool(args.pred or args.gt)
-    if score_folder and not (args.pred and args.gt):
-        parser.error("--pred and --gt go together: a folder of edge PNGs and a folder of BSDS .mat files")
-    if args.command == "eval-edges" and not (score_folder or args.synthetic or args.bsds):
-        parser.error("eval-edges needs --bsds ROOT with ROOT/images/<split>/<id>.jpg and ROOT/groundTruth/<split>/"
-                     "<id>.mat (BSDS500's BSR/BSDS500/data), or --synthetic N, or --pred DIR --gt DIR")
-    if args.command == "eval-fg" and not (args.synthetic or args.masks):
-        parser.error("eval-fg needs --masks DIR with DIR/images/<stem>.jpg and DIR/ground_truth_mask/<stem>.png (ECSSD "
-                     "as unpacked; masks/ also works; white = figure), or --synthetic N")
+    if zeroshot_eval.missing_data(args):
+        parser.error(zeroshot_eval.missing_data(args))
 
     net = None
     if not score_folder:
@@ -649,7 +550,7 @@ def main(argv=None):
     try:  # before any work: never into or onto an input, and somewhere it can write
         engine.check_output(out, inputs)
         files = engine.collect_images(args.images) if args.command in IMAGE_COMMANDS else []
-        check_no_output_is_an_input(files, out, OUTPUT_SUFFIXES.get(args.command, ()))
+        engine.check_outputs_are_not_inputs(files, out, OUTPUT_SUFFIXES.get(args.command, ()))
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     os.makedirs(out, exist_ok=True)

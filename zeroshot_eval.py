@@ -38,6 +38,7 @@ Try it (zeroshot.py parses the flags and hands its readings to the functions her
 Needs the optional packages of requirements-eval.txt (pyedgeeval, scipy).
 Shapes: N images, K Gaussians, T thresholds, H x W pixels; Gaussians [K, 14] as in splat.py.
 """
+import argparse
 import json
 import os
 
@@ -357,9 +358,52 @@ def load_mask(path):
             im.load()
             rgba = ImageOps.exif_transpose(im).convert("RGBA")
     except Exception as e:
-        raise data.BrokenImageError(f"could not read mask {path}: {e}. Replace or delete the file.") from e
+        raise data.BrokenImageError(f"could not read image {path}: {e}. Replace or delete the file.") from e
     black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
     return np.asarray(Image.alpha_composite(black, rgba).convert("L")) > 127
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The eval-* commands of zeroshot.py
+
+
+def add_commands(sub, common, layer_threshold):
+    """The eval-* subcommands of zeroshot.py's parser: sub its subparsers, common the flags every command shares."""
+    synth = argparse.ArgumentParser(add_help=False)
+    synth.add_argument("--synthetic", type=int, default=0, help="evaluate on this many synthetic val scenes")
+    synth.add_argument("--anywhere", action="store_true", help="synthetic foreground placed anywhere, not near the centre")
+    synth.add_argument("--size", type=int, default=128, help="synthetic scene size in pixels (resized for the model)")
+    synth.add_argument("--limit", type=int, default=None, help="only the first N images of a folder dataset")
+    s = sub.add_parser("eval-edges", parents=[common, synth], help="ODS / OIS / AP (BSDS protocol)")
+    s.add_argument("--pred", help="folder of edge PNGs to score (<stem>.png, as `edges` writes)")
+    s.add_argument("--gt", help="folder of BSDS groundTruth .mat files")
+    s.add_argument("--split", default="val", choices=["train", "val", "test"], help="BSDS500 split to run")
+    s.add_argument("--bsds", help="BSDS500 root: ROOT/images/<split>/*.jpg, ROOT/groundTruth/<split>/*.mat "
+                                  "(the official archive's BSR/BSDS500/data)")
+    s.add_argument("--nthresh", type=int, default=99, help="thresholds swept (official benchmark: 99)")
+    s.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="processes for the BSDS matching, about a minute an image each (default: one per core)")
+    s.add_argument("--tiles", type=int, default=None, help="window size for edges (see edges --tiles)")
+    s = sub.add_parser("eval-fg", parents=[common, synth], help="IoU, F of figure-ground masks vs controls")
+    s.add_argument("--masks", help="figure-ground set: DIR/images/<stem>.jpg, DIR/ground_truth_mask/<stem>.png (ECSSD)")
+    s.add_argument("--layers", type=int, default=2, help="number of layers L")
+    s.add_argument("--threshold", type=float, default=layer_threshold, help="significant change of a pixel, in (0, 1)")
+    sub.add_parser("eval-depth", parents=[common, synth], help="fg AUC and paint-order rank correlation of depth")
+
+
+def missing_data(args):
+    """The one-line message when an eval-* command is not told what to score (None when it is, or not eval-*)."""
+    if args.command == "eval-depth" and args.synthetic < 1:
+        return "eval-depth needs --synthetic N (N >= 1): it scores depth against the scenes' paint order"
+    if args.command == "eval-edges" and bool(args.pred) != bool(args.gt):
+        return "--pred and --gt go together: a folder of edge PNGs and a folder of BSDS .mat files"
+    if args.command == "eval-edges" and not (args.pred or args.synthetic or args.bsds):
+        return ("eval-edges needs --bsds ROOT with ROOT/images/<split>/<id>.jpg and ROOT/groundTruth/<split>/<id>.mat "
+                "(BSDS500's BSR/BSDS500/data), or --synthetic N, or --pred DIR --gt DIR")
+    if args.command == "eval-fg" and not (args.synthetic or args.masks):
+        return ("eval-fg needs --masks DIR with DIR/images/<stem>.jpg and DIR/ground_truth_mask/<stem>.png (ECSSD as "
+                "unpacked; masks/ also works; white = figure), or --synthetic N")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

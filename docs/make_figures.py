@@ -15,7 +15,7 @@ This file imports zeroshot.py's reading functions (layer_map, figure_ground, ...
 code computes, not a copy of it; it is a figure script, not a stage of the pipeline, and no script imports it.
 
 Files (docs/walkthrough/): overview.png (README), masking.png, tokens.png, queries.png, camera.png,
-compositing.png, layers.png, readings.png, export.png (README: the fitted Gaussians exported by zeroshot.py's
+compositing.png, layers.png, readings.png, export.png (README: the fitted Gaussians exported by ply.py's
 writers and drawn by tests/gs_viewer.py, an independent renderer in the conventions of 3DGS viewers).
 """
 import colorsys
@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 import data  # noqa: E402
 import gs_viewer  # noqa: E402
 import model  # noqa: E402
+import ply  # noqa: E402
 import splat  # noqa: E402
 import zeroshot  # noqa: E402
 from model import GMAE, GMAEConfig  # noqa: E402
@@ -375,12 +376,12 @@ def draw_export(g, H=96, W=144):
     ours = splat.render(g.double(), H, W, backend=BACKEND)[0]
     scene, camera = splat.to_pinhole(g[0], H, W)
     with tempfile.TemporaryDirectory() as tmp:
-        ply, cams, old = (os.path.join(tmp, name) for name in ("scene.ply", "scene_cameras.json", "old.ply"))
-        zeroshot.write_ply(ply, scene)
-        zeroshot.write_cameras(cams, "scene", camera)
-        viewed = torch.from_numpy(gs_viewer.render(ply, cams))
+        path, cams, old = (os.path.join(tmp, name) for name in ("scene.ply", "scene_cameras.json", "old.ply"))
+        ply.write_ply(path, scene)
+        ply.write_cameras(cams, "scene", camera)
+        viewed = torch.from_numpy(gs_viewer.render(path, cams))
         scene[:, 3:6] *= splat.CAMERA_DISTANCE
-        zeroshot.write_ply(old, scene)
+        ply.write_ply(old, scene)
         before = torch.from_numpy(gs_viewer.render(old, cams))
     big = lambda x: Image.fromarray(data.to_uint8(x)).convert("RGB").resize((2 * W, 2 * H), Image.NEAREST)  # noqa: E731
     panels = [labelled(big(ours), f"the project's render, {W} x {H}"),

@@ -39,7 +39,7 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path, cut):
     raw = (tmp_path / "c.pt").read_bytes()
     n = int(len(raw) * cut) if isinstance(cut, float) else cut % len(raw)
     (tmp_path / "cut.pt").write_bytes(raw[:n])
-    with pytest.raises(engine.CheckpointError, match="cannot be read as a checkpoint .truncated") as err:
+    with pytest.raises(engine.CheckpointError, match="cannot be read as a checkpoint: a cut or damaged torch file") as err:
         engine.read_checkpoint(str(tmp_path / "cut.pt"))
     assert str(tmp_path / "cut.pt") in str(err.value) and "\n" not in str(err.value)
 
@@ -48,7 +48,7 @@ def test_foreign_files_are_clear_errors(tmp_path):
     (tmp_path / "text.pt").write_text("hello")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     torch.save({"model": {}, "config": {"img_size": 18}}, tmp_path / "badcfg.pt")
-    with pytest.raises(engine.CheckpointError, match="cannot be read as a checkpoint"):
+    with pytest.raises(engine.CheckpointError, match="it is not a file written by torch.save; pass the checkpoint.pt"):
         engine.read_checkpoint(str(tmp_path / "text.pt"))
     with pytest.raises(engine.CheckpointError, match="not a checkpoint written by train.py"):
         engine.read_checkpoint(str(tmp_path / "other.pt"))

@@ -12,6 +12,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
+import scenes  # noqa: E402
 
 
 def _neighbours_differ(a):
@@ -368,5 +369,5 @@ def test_build_dataset_rejects_bad_image_size(bad):
 
 
 def test_scene_grid_has_three_panels_per_scene():
-    grid = data.scene_grid(data.SyntheticScenes(8), n=8, cols=4, zoom=2)
+    grid = scenes.scene_grid(data.SyntheticScenes(8), n=8, cols=4, zoom=2)
     assert grid.size == (4 * (3 * 32 + 6) * 2, 2 * 34 * 2)

@@ -82,11 +82,15 @@ CASES = [
 @pytest.mark.parametrize("command, message", CASES, ids=[c for c, _ in CASES])
 def test_a_mistaken_command_stops_in_one_line_and_changes_nothing(tmp_path, command, message):
     user_files(tmp_path)
+    refused(tmp_path, command, message)
+
+
+def refused(tmp_path, command, message):
+    """Run command (script and flags, {tmp} = tmp_path) as a user would; assert a nonzero exit with one line holding
+    message and no traceback, and every file under tmp_path as it was, nothing added."""
     before = snapshot(tmp_path)
     script, *flags = command.format(tmp=tmp_path).split()
-    argv = [sys.executable, os.path.join(ROOT, script), *flags]
-    if script == "train.py":
-        argv += TINY
+    argv = [sys.executable, os.path.join(ROOT, script), *(TINY if script == "train.py" else []), *flags]
     run = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     lines = run.stderr.strip().splitlines()
     assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
@@ -218,3 +222,53 @@ def test_a_val_split_that_copies_train_and_a_single_class_are_refused(tmp_path):
         png(tmp_path / "one" / "val" / "cat" / f"{i}.png", value=100 + i)
     with pytest.raises(ValueError, match="has one class .cat.: every answer would be right"):
         data.labelled_splits(str(tmp_path / "one"), 16)
+
+
+CLI_MESSAGES = [  # a mistake, and the line that points the right way
+    ("zeroshot.py edges {tmp}/photos/a.png --ckpt {tmp}/photos/b.jpg --out {tmp}/o", "not a file written by torch.save"),
+    ("train.py --data {tmp}/photos/a.png --out {tmp}/o", "--data {tmp}/photos/a.png is a file; give the folder"),
+    ("train.py --weight-decay nan --out {tmp}/o", "--weight-decay must be a finite number, got nan"),
+    ("train.py --min-lr -1 --out {tmp}/o", "--min-lr must be in [0, inf), got -1.0"),
+    ("train.py --warmup-epochs -2 --out {tmp}/o", "--warmup-epochs must be in [0, inf), got -2.0"),
+    ("train.py --n-synthetic 0 --out {tmp}/o", "--n-synthetic must be in [1, inf), got 0"),
+    ("train.py --mask 1.5 --out {tmp}/o", "--mask must be in [0, 1), got 1.5 (a fraction of the patches)"),
+]
+
+
+@pytest.mark.parametrize("command, message", CLI_MESSAGES, ids=[c for c, _ in CLI_MESSAGES])
+def test_a_mistake_is_told_what_to_change(tmp_path, command, message):
+    user_files(tmp_path)
+    refused(tmp_path, command, message)
+
+
+def test_resume_from_a_classifier_or_a_checkpoint_without_optimizer_is_one_line(tmp_path):
+    user_files(tmp_path)  # run/checkpoint.pt holds weights and config only
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "run"), "--resume",
+                          *TINY], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "is a checkpoint without optimizer state, not a train.py run to continue" in run.stderr.splitlines()[-1]
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_named(tmp_path):
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes, as old cameras and zip files leave them
+    png(tmp_path / "photos" / name)
+    png(tmp_path / "photos" / "b.png")
+    assert [os.path.basename(p) for p in data.list_images(str(tmp_path / "photos"))] == ["b.png", name]
+    assert data.held_out(name, 0.5) in (True, False)  # hashed by its bytes, no UnicodeEncodeError
+    (tmp_path / "photos" / name).write_bytes(b"broken")
+    with pytest.raises(data.BrokenImageError, match="could not read image .*caf"):
+        data.load_rgb(str(tmp_path / "photos" / name))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tiles", "2"], "--tiles 2 cuts the 512 x 341 working image into 173740 windows, more than 1024; use --tiles"),
+    (["--layers", "1"], "--layers 1 puts every Gaussian in one layer: edges needs two or more"),
+    (["--max-size", "1"], "--max-size must be 0 (no bound) or >= 16, got 1"),
+])
+def test_edges_that_would_take_hours_or_mean_nothing_stop_at_once(tmp_path, flags, message):
+    user_files(tmp_path)
+    Image.new("RGB", (600, 400), (10, 200, 30)).save(tmp_path / "photos" / "big.png")
+    started = time.time()
+    refused(tmp_path, f"zeroshot.py edges {tmp_path}/photos/big.png --ckpt {tmp_path}/run/checkpoint.pt --out "
+            f"{tmp_path}/o " + " ".join(flags), message)
+    assert time.time() - started < 120

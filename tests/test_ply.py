@@ -1,4 +1,4 @@
-"""zeroshot.write_ply against the 3DGS file layout, read here from the raw bytes (struct), never with read_ply:
+"""ply.write_ply against the 3DGS file layout, read here from the raw bytes (struct), never with read_ply:
 a mistake made the same way in the writer and its reader would cancel out in a round trip.
 
 The 3DGS reference code (Kerbl et al. 2023, scene/gaussian_model.py save_ply / load_ply) and the viewers that
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import model as M
-import zeroshot as Z
+import ply
 
 FIELDS = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", *(f"f_rest_{i}" for i in range(45)),
           "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
@@ -43,7 +43,7 @@ def sigmoid(t):
 
 def test_ply_header_is_the_3dgs_binary_little_endian_layout(tmp_path):
     g = M.gaussian_activation(torch.randn(5, 14, generator=torch.Generator().manual_seed(0)))
-    Z.write_ply(tmp_path / "g.ply", g)
+    ply.write_ply(tmp_path / "g.ply", g)
     lines, rows, rest = read_raw(tmp_path / "g.ply")
     assert lines == ["ply", "format binary_little_endian 1.0", "element vertex 5",
                      *[f"property float {name}" for name in FIELDS], "end_header"]
@@ -58,7 +58,7 @@ def test_ply_values_follow_the_3dgs_conventions(tmp_path):
         [0.25, -0.5, 0.75, math.exp(-1), math.exp(-2), 1.0, 0.8, 0.0, 0.6, 0.0, 0.5 + C0, 0.5, 0.5 - 2 * C0, sigmoid(2.0)],
         [-1.0, 1.0, -0.1, 0.5, 0.25, 2.0, 0.0, 0.0, 0.0, 1.0, 0.5, 0.5 + 0.5 * C0, 0.5, sigmoid(-3.0)],
     ], dtype=torch.float64)
-    Z.write_ply(tmp_path / "g.ply", g)
+    ply.write_ply(tmp_path / "g.ply", g)
     _, rows, _ = read_raw(tmp_path / "g.ply")
     expected = [
         [0.25, -0.5, 0.75, 0, 0, 0, 1.0, 0.0, -2.0, *[0] * 45, 2.0, -1.0, -2.0, 0.0, 0.8, 0.0, 0.6, 0.0],
@@ -67,14 +67,14 @@ def test_ply_values_follow_the_3dgs_conventions(tmp_path):
     ]
     for row, want in zip(rows, expected):
         assert dict(zip(FIELDS, row)) == pytest.approx(dict(zip(FIELDS, want)), abs=2e-6)
-    assert C0 == pytest.approx(0.28209479, abs=1e-8) and Z.SH_C0 == pytest.approx(C0, abs=1e-15)
+    assert C0 == pytest.approx(0.28209479, abs=1e-8) and ply.SH_C0 == pytest.approx(C0, abs=1e-15)
 
 
 def test_a_3dgs_reader_gets_back_the_models_gaussians(tmp_path):
     # What a viewer does with the file (sigmoid, exp, 0.5 + C0 f_dc, normalise the quaternion) gives back the
     # Gaussians the model predicted; the quaternion is stored unit-length, w first.
     g = M.gaussian_activation(torch.randn(20, 14, generator=torch.Generator().manual_seed(1)) * 2, scale_max=2.0)
-    Z.write_ply(tmp_path / "g.ply", g)
+    ply.write_ply(tmp_path / "g.ply", g)
     _, rows, _ = read_raw(tmp_path / "g.ply")
     for row, want in zip(rows, g.tolist()):
         f = dict(zip(FIELDS, row))
@@ -89,7 +89,7 @@ def test_a_3dgs_reader_gets_back_the_models_gaussians(tmp_path):
 def test_opacity_of_one_or_zero_is_stored_as_a_finite_clamped_logit(tmp_path):
     g = M.gaussian_activation(torch.zeros(2, 14))
     g[0, 13], g[1, 13] = 1.0, 0.0
-    Z.write_ply(tmp_path / "g.ply", g)
+    ply.write_ply(tmp_path / "g.ply", g)
     _, rows, _ = read_raw(tmp_path / "g.ply")
     logit = math.log((1 - 1e-6) / 1e-6)  # opacities clamped to [1e-6, 1 - 1e-6]: 13.8155
     opacity = FIELDS.index("opacity")

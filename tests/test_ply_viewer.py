@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import data
+import ply
 import splat
 import zeroshot as Z
 from gs_viewer import psnr
@@ -56,12 +57,12 @@ def exported_and_project(ckpt, image_path, out):
     """Run `zeroshot.py export` on one picture; (viewer render, project render of the same Gaussians, paths)."""
     assert Z.main(["export", str(image_path), "--ckpt", ckpt, "--out", str(out), "--device", "cpu"]) == 0
     stem = image_path.stem
-    ply, cameras = out / f"{stem}.ply", out / f"{stem}_cameras.json"
+    scene_file, cameras = out / f"{stem}.ply", out / f"{stem}_cameras.json"
     img = data.to_tensor(data.load_rgb(str(image_path)))
     net, _ = Z.load_gmae(ckpt)
     g, _ = Z.image_gaussians(net, img[None])
     H, W = img.shape[-2:]
-    return view(ply, cameras), project_render(g[0].detach(), H, W), ply, cameras
+    return view(scene_file, cameras), project_render(g[0].detach(), H, W), scene_file, cameras
 
 
 def synthetic_png(path):
@@ -73,16 +74,16 @@ def synthetic_png(path):
 @pytest.mark.parametrize("picture", ["synthetic 32 x 32", "photo 481 x 321"])
 def test_a_3dgs_renderer_draws_the_export_as_the_project_does(ckpt, tmp_path, picture):
     image = synthetic_png(tmp_path / "scene.png") if picture.startswith("synthetic") else photo(tmp_path / "photo.png")
-    viewed, ours, ply, cameras = exported_and_project(ckpt, image, tmp_path / "out")
+    viewed, ours, scene_file, cameras = exported_and_project(ckpt, image, tmp_path / "out")
     H, W = ours.shape[-2:]
     assert viewed.shape == ours.shape == (3, *Image.open(image).size[::-1])
     assert psnr(viewed, ours) >= 25, psnr(viewed, ours)
 
     # The file as it was before: a viewer framed to put the centres right still draws each footprint 8 x wide.
     old = tmp_path / "old.ply"
-    scene = Z.read_ply(ply).double()
+    scene = ply.read_ply(scene_file).double()
     scene[:, 3:6] *= splat.CAMERA_DISTANCE
-    Z.write_ply(old, scene)
+    ply.write_ply(old, scene)
     assert psnr(view(old, cameras), ours) < 18
 
 
@@ -92,7 +93,7 @@ def test_cameras_file_is_the_3dgs_layout_with_the_photos_size(ckpt, tmp_path):
     cameras = json.loads((tmp_path / "out" / "p_cameras.json").read_text())
     assert cameras == [{"id": 0, "img_name": "p", "width": 90, "height": 60, "position": [0.0, 0.0, 0.0],
                         "rotation": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], "fy": 45.0, "fx": 45.0}]
-    scene = Z.read_ply(tmp_path / "out" / "p.ply")
+    scene = ply.read_ply(tmp_path / "out" / "p.ply")
     # Square pixels: the scene keeps the photo's aspect, x spanning 3/2 of y at each depth (+-Z vs +-Z 2/3).
     assert (scene[:, 0].abs() / scene[:, 2]).max() <= 1 and (scene[:, 1].abs() / scene[:, 2]).max() <= 2 / 3
 
@@ -109,12 +110,12 @@ def test_off_axis_anisotropic_gaussians_need_the_shear(H, W, tmp_path):
                                                            dtype=torch.float64), dim=-1)
     ours = project_render(g, H, W)
     scene, camera = splat.to_pinhole(g, H, W)
-    Z.write_ply(tmp_path / "g.ply", scene)
-    Z.write_cameras(tmp_path / "c.json", "g", camera)
+    ply.write_ply(tmp_path / "g.ply", scene)
+    ply.write_cameras(tmp_path / "c.json", "g", camera)
     sheared = psnr(view(tmp_path / "g.ply", tmp_path / "c.json"), ours)
     naive = scene.clone()
     naive[:, 3:10] = g[:, 3:10]  # the model's own scales and rotation, centres unprojected as before
-    Z.write_ply(tmp_path / "naive.ply", naive)
+    ply.write_ply(tmp_path / "naive.ply", naive)
     unsheared = psnr(view(tmp_path / "naive.ply", tmp_path / "c.json"), ours)
     assert sheared >= 30 and sheared > unsheared + 5, (sheared, unsheared)
 
@@ -145,14 +146,14 @@ def test_degenerate_values_are_written_finite_and_nan_is_refused(tmp_path):
     g[0, 3:6] = 0.0  # a flat Gaussian: log(0) would be -inf
     g[1, 6:10] = 0.0  # a zero quaternion: NaN in 3DGS's build_rotation
     g[2, 13] = 1.0  # opacity 1: logit inf
-    Z.write_ply(tmp_path / "g.ply", g)
-    stored = Z.read_ply(tmp_path / "g.ply")
+    ply.write_ply(tmp_path / "g.ply", g)
+    stored = ply.read_ply(tmp_path / "g.ply")
     assert torch.isfinite(stored).all() and torch.equal(stored[1, 6:10], torch.tensor([1.0, 0.0, 0.0, 0.0]))
     scene, _ = splat.to_pinhole(g, 16, 16)  # the export's own path never makes them in the first place
     assert (scene[:, 3:6] >= 1e-6).all() and torch.allclose(scene[:, 6:10].norm(dim=-1), torch.ones(3).double())
     g[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf; nothing written"):
-        Z.write_ply(tmp_path / "nan.ply", g)
+        ply.write_ply(tmp_path / "nan.ply", g)
     assert not (tmp_path / "nan.ply").exists() and not (tmp_path / "nan.ply.tmp").exists()
     with pytest.raises(ValueError, match="finite Gaussians"):
         splat.to_pinhole(g, 16, 16)
@@ -177,18 +178,18 @@ def measure(folder):
     rows = {}
     for name, image in (("synthetic 32 x 32", synthetic_png(folder / "scene.png")),
                         ("photo 481 x 321", photo(folder / "photo.png"))):
-        viewed, ours, ply, cameras = exported_and_project(str(folder / "gmae.pt"), image, folder / "out")
+        viewed, ours, scene_file, cameras = exported_and_project(str(folder / "gmae.pt"), image, folder / "out")
         net, _ = Z.load_gmae(str(folder / "gmae.pt"))
         g = Z.image_gaussians(net, data.to_tensor(data.load_rgb(str(image)))[None])[0][0].detach().double()
-        variants = {"as exported": ply}
+        variants = {"as exported": scene_file}
         for variant, columns in (("scales x 8 (before)", None), ("the model's scales and rotations", g[:, 3:10]),
                                  ("aspect kept, no shear", aspect_only(g, *ours.shape[-2:]))):
-            scene = Z.read_ply(ply).double()
+            scene = ply.read_ply(scene_file).double()
             if columns is None:
                 scene[:, 3:6] *= splat.CAMERA_DISTANCE
             else:
                 scene[:, 3:10] = columns
-            Z.write_ply(folder / f"{len(variants)}.ply", scene)
+            ply.write_ply(folder / f"{len(variants)}.ply", scene)
             variants[variant] = folder / f"{len(variants)}.ply"
         rows[name] = {variant: psnr(view(path, cameras), ours) for variant, path in variants.items()}
     return rows

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import data
+import ply
 import train
 import zeroshot as Z
 import zeroshot_eval as ZE
@@ -146,11 +147,11 @@ def test_ply_export_reads_back_the_same_gaussians(tmp_path):
     import splat
 
     g = splat.random_gaussians(1, 50, torch.Generator().manual_seed(0))[0]
-    Z.write_ply(tmp_path / "g.ply", g)
+    ply.write_ply(tmp_path / "g.ply", g)
     with open(tmp_path / "g.ply", "rb") as f:
         head = f.read(2000).split(b"end_header")[0].decode()
     assert "element vertex 50" in head and "property float f_dc_0" in head and "property float rot_3" in head
-    assert torch.allclose(Z.read_ply(tmp_path / "g.ply"), g, atol=2e-6, rtol=1e-5)
+    assert torch.allclose(ply.read_ply(tmp_path / "g.ply"), g, atol=2e-6, rtol=1e-5)
 
 
 def test_auc_and_rank_correlation():
@@ -206,7 +207,7 @@ def test_every_image_command_writes_one_output_per_input(ckpt, images, tmp_path,
         if command == "recon":
             assert Image.open(out / f"{name}_recon.png").size == (2 * W, H)  # input | reconstruction
         if command == "export":
-            assert Z.read_ply(out / f"{name}.ply").shape == (16, 14)
+            assert ply.read_ply(out / f"{name}.ply").shape == (16, 14)
             camera = json.loads((out / f"{name}_cameras.json").read_text())[0]
             assert (camera["width"], camera["height"], camera["fx"]) == (W, H, W / 2)
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 import data
 import engine
+import ply
 import splat
 import zeroshot as Z
 from cli import cli_error
@@ -93,7 +94,7 @@ def test_the_model_is_loaded_on_the_device_and_the_images_reach_it_there(ckpt, t
     img = noise_png(tmp_path / "a.png", 20, 12)
     assert Z.main(["export", img, "--ckpt", ckpt, "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
     assert seen == {"load": torch.device("cpu"), "images": torch.device("cpu")}
-    assert Z.read_ply(tmp_path / "out" / "a.ply").shape == (16, 14)
+    assert ply.read_ply(tmp_path / "out" / "a.ply").shape == (16, 14)
 
 
 # ------------------------------------------------------------------------------------------ --max-size
@@ -164,7 +165,7 @@ def test_same_stems_in_two_subfolders_and_two_extensions_write_separate_files(ck
     written = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs if f.endswith(".ply"))
     assert written == ["a/1.ply", "b/1.ply", "x_jpg.ply", "x_png.ply", "y.ply"]
     assert all(os.path.exists(out / name.replace(".ply", "_cameras.json")) for name in written)
-    clouds = [Z.read_ply(out / name) for name in written]
+    clouds = [ply.read_ply(out / name) for name in written]
     assert all(not torch.equal(clouds[i], clouds[j]) for i in range(5) for j in range(i))  # five images, five clouds
 
 
@@ -235,7 +236,7 @@ def test_a_finetuned_checkpoint_is_a_one_line_error(tmp_path, capsys):
     (["eval-fg", "--synthetic", "2", "--threshold", "-0.1"], "--threshold must be in (0, 1), got -0.1"),
     (["edges", "x.png", "--max-size", "-1"], "--max-size must be in [0, inf), got -1 (0: no bound)"),
     (["eval-fg", "--synthetic", "-3"], "--synthetic must be in [0, inf), got -3 (0: a folder dataset)"),
-    (["eval-depth", "--synthetic", "2", "--size", "4"], "--size must be in [8, inf), got 4 (the synthetic scenes'"),
+    (["eval-depth", "--synthetic", "2", "--size", "4"], "--size must be in [8, inf), got 4 (the scenes need it)"),
     (["eval-fg", "--masks", "m", "--limit", "0"], "--limit must be in [1, inf), got 0 (leave it out for every image)"),
     (["eval-edges", "--bsds", "b", "--limit", "-1"], "--limit must be in [1, inf), got -1"),
     (["eval-edges", "--bsds", "b", "--workers", "0"], "--workers must be in [1, inf), got 0"),
