@@ -88,6 +88,8 @@ def check_output(out, inputs=(), folder=True):
     existing one of the other kind, a path under a file or in a folder this process cannot write are refused)
     and is none of `inputs` (files or folders) nor inside one of them: a command never writes over what it reads,
     nor reads what it wrote."""
+    if not os.fspath(out).strip():
+        raise OutputError(f"--out is empty; give {'a folder' if folder else 'a file'}")
     real = os.path.realpath(out)
     if os.path.exists(out) and os.path.isdir(out) != folder:
         raise OutputError(f"--out {out} is {'a file' if folder else 'a folder'}; give {'a folder' if folder else 'a file'}")

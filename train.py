@@ -155,6 +155,8 @@ def get_args(argv=None, parser=None):
     if args.epochs < 1 or args.batch_size < 1 or args.val_size < 1:
         p.error(f"--epochs, --batch-size and --val-size must be >= 1, got {args.epochs}, {args.batch_size} and "
                 f"{args.val_size}")
+    if not args.data.strip():
+        p.error("--data is empty; give 'synthetic' or a folder of images")
     if args.accum_iter < 1 or args.save_every < 0:
         p.error(f"--accum-iter must be >= 1 and --save-every >= 0, got {args.accum_iter} and {args.save_every}")
     check_flags(p, args, ranges={"blr": "(0, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)", "warmup_epochs": "[0, inf)",

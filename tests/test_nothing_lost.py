@@ -272,3 +272,10 @@ def test_edges_that_would_take_hours_or_mean_nothing_stop_at_once(tmp_path, flag
     refused(tmp_path, f"zeroshot.py edges {tmp_path}/photos/big.png --ckpt {tmp_path}/run/checkpoint.pt --out "
             f"{tmp_path}/o " + " ".join(flags), message)
     assert time.time() - started < 120
+
+
+def test_an_empty_out_or_data_is_named():
+    with pytest.raises(engine.OutputError, match="--out is empty; give a folder"):
+        engine.check_output("")
+    with pytest.raises(SystemExit):
+        train.get_args(["--data", ""])
