@@ -72,6 +72,7 @@ def write_whole(path, write):
     open binary file, or the bytes themselves."""
     path, tmp = os.fspath(path), os.fspath(path) + ".tmp"
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # check_output said it can be made
         with open(tmp, "wb") as f:
             write(f) if callable(write) else f.write(write)
             f.flush()

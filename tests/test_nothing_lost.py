@@ -279,3 +279,9 @@ def test_an_empty_out_or_data_is_named():
         engine.check_output("")
     with pytest.raises(SystemExit):
         train.get_args(["--data", ""])
+
+
+def test_a_result_file_in_a_folder_yet_to_be_made_is_written(tmp_path):
+    engine.check_output(str(tmp_path / "new" / "deeper" / "probe.json"), folder=False)
+    engine.write_whole(tmp_path / "new" / "deeper" / "probe.json", b"{}")
+    assert (tmp_path / "new" / "deeper" / "probe.json").read_bytes() == b"{}"
