@@ -41,7 +41,7 @@ import torch
 
 import splat
 from data import build_dataset
-from engine import check_device, check_ranges, check_result_file, param_groups, write_whole
+from engine import check_device, check_ranges, check_result_file, param_groups, run_main, write_whole
 from model import GMAE, PAPER, GMAEConfig, per_token_for
 
 SCENES = [(32, 64), (64, 256), (64, 1024), (128, 4096)]  # (image side, Gaussians)
@@ -309,4 +309,4 @@ def write_json(result, path):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

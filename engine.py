@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import sys
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -227,6 +228,17 @@ def set_rng_states(states):
 # What a stage script's main turns into one parser.error line: bad data or flags, a missing or foreign checkpoint
 # (CheckpointError is a ValueError), a rasterizer that cannot build or a dense render too large for memory.
 USER_ERRORS = (ValueError, FileNotFoundError, BackendUnavailable, DenseRenderTooLarge)
+
+
+def run_main(main):
+    """A stage script's entry point: main()'s result, and Ctrl-C as one line and exit 130 instead of a traceback
+    (train.py saves first; every file is written whole, so an interrupted command leaves nothing half-written)."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"{os.path.basename(sys.argv[0])}: interrupted (Ctrl-C); the files already written are whole",
+              file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def default_device():

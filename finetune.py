@@ -53,6 +53,7 @@ from engine import (
     load_encoder,
     lr_at,
     read_checkpoint,
+    run_main,
     set_lr,
     skips_weight_decay,
     topk_accuracy,
@@ -350,4 +351,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -49,6 +49,7 @@ from engine import (
     gather_objects,
     load_encoder,
     lr_at,
+    run_main,
     set_lr,
     topk_accuracy,
     write_whole,
@@ -284,4 +285,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

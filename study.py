@@ -29,7 +29,7 @@ from dataclasses import asdict
 import torch
 
 from data import build_dataset
-from engine import read_checkpoint, write_whole
+from engine import read_checkpoint, run_main, write_whole
 from model import patchify, psnr_db, random_masking
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -447,4 +447,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

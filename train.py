@@ -80,6 +80,7 @@ from engine import (
     param_groups,
     read_checkpoint,
     rng_states,
+    run_main,
     save_checkpoint,
     set_lr,
     set_rng_states,
@@ -542,4 +543,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -11,6 +11,7 @@ Run:  pytest -q tests/test_nothing_lost.py
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -285,3 +286,16 @@ def test_a_result_file_in_a_folder_yet_to_be_made_is_written(tmp_path):
     engine.check_output(str(tmp_path / "new" / "deeper" / "probe.json"), folder=False)
     engine.write_whole(tmp_path / "new" / "deeper" / "probe.json", b"{}")
     assert (tmp_path / "new" / "deeper" / "probe.json").read_bytes() == b"{}"
+
+
+def test_ctrl_c_in_any_script_is_one_line_and_exit_130(tmp_path):
+    user_files(tmp_path)
+    Image.new("RGB", (600, 400), (10, 200, 30)).save(tmp_path / "photos" / "big.png")
+    argv = [sys.executable, os.path.join(ROOT, "zeroshot.py"), "edges", str(tmp_path / "photos" / "big.png"),
+            "--ckpt", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "o"), "--tiles", "26"]
+    run = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)  # torch imported, the model reading windows
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "zeroshot.py: interrupted (Ctrl-C); the files already written are whole"
