@@ -5,7 +5,7 @@ file is what train.py, probe.py, finetune.py and zeroshot.py need around it (MAE
 util/misc.py, util/lr_sched.py and util/lr_decay.py).
 
     save_checkpoint / read_checkpoint / load_checkpoint     atomic writes, clear errors, the model rebuilt
-    claim_run_folder / check_output / write_whole           outputs never over a run or an input; whole or not at all
+    claim_run_folder / check_output / write_whole / save_image  outputs never over a run or an input, written whole
     check_flags / check_ranges                              every flag's range (and finiteness) before any work
     rng_states / set_rng_states                             every RNG a step draws from, for exact resume
     distributed / wrap_ddp / unwrap / all_reduce_sum        torchrun's process group (no-ops in one process)
@@ -83,6 +83,11 @@ def write_whole(path, write):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise OutputError(f"could not write {path}: {e.strerror or e}; nothing there was changed") from None
+
+
+def save_image(image, path):
+    """A PIL image as a PNG file at path, whole or not at all (write_whole)."""
+    write_whole(path, lambda f: image.save(f, format="PNG"))
 
 
 def check_output(out, inputs=(), folder=True):

@@ -190,8 +190,7 @@ def run_row(row, done):
         cfg = read_checkpoint(os.path.join(HERE, row["argv"][-1], "checkpoint.pt"))["config"]
         record["config"] = asdict(cfg)
         done[command] = record
-        with open(os.path.join(HERE, row["argv"][-1], "study.json"), "w") as f:
-            json.dump(record, f, indent=1)
+        write_whole(os.path.join(HERE, row["argv"][-1], "study.json"), json.dumps(record, indent=1).encode())
     else:
         with open(os.path.join(HERE, row["json"])) as f:
             record["result"] = json.load(f)
@@ -237,8 +236,7 @@ def run_tables(names, tables, invocation):
                   "wall_s": time.time() - t0, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                   "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads",
                   "rows": records}
-        with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        write_whole(os.path.join(RESULTS, f"{name}.json"), json.dumps(result, indent=1).encode())
         print(f"wrote results/{name}.json ({result['wall_s'] / 60:.1f} min)", flush=True)
     return failed
 

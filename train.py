@@ -82,6 +82,7 @@ from engine import (
     rng_states,
     run_main,
     save_checkpoint,
+    save_image,
     set_lr,
     set_rng_states,
     unwrap,
@@ -195,7 +196,7 @@ def save_grid(path, rows, scale=4):
     """rows: list of [B, 3, H, W] tensors in [0, 1] -> one PNG, one row per tensor, upscaled for viewing."""
     grid = torch.cat([torch.cat(list(r.detach().clamp(0, 1)), dim=2) for r in rows], dim=1)  # [3, rows*H, B*W]
     img = Image.fromarray(to_uint8(grid))
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    save_image(img.resize((img.width * scale, img.height * scale), Image.NEAREST), path)
 
 
 def depth_render(gaussians, H, W, backend):

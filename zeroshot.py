@@ -44,7 +44,6 @@ import math
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -294,7 +293,7 @@ def edge_readings(net, tiles, backend, seed, max_size=None, device="cpu"):
 
 def save_png(x, path):
     """[3, H, W] or [H, W] tensor in [0, 1] -> an RGB or greyscale PNG file."""
-    Image.fromarray(data.to_uint8(x)).save(path)
+    engine.save_image(Image.fromarray(data.to_uint8(x)), path)
 
 
 def colour_ids(ids, L):
@@ -364,7 +363,7 @@ def plot_gaussians(g, img, path):
     ax[2].set_xlabel("opacity")
     ax[2].set_title("opacity histogram")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    engine.write_whole(path, lambda f: fig.savefig(f, dpi=80, format="png"))
     plt.close(fig)
 
 
@@ -405,13 +404,13 @@ def run_recon(net, img, path, dest, mask_ratio, seed, backend, max_size):
     else:
         recon = splat.render(g, *working_size(H, W, max_size), backend=backend)[0]  # the same Gaussians, sharper
     recon = resize_map(recon, H, W, "bilinear")
-    Image.fromarray(np.concatenate([data.to_uint8(img), data.to_uint8(recon)], axis=1)).save(dest + "_recon.png")
+    save_png(torch.cat([img.cpu(), recon.cpu()], dim=-1), dest + "_recon.png")  # input | reconstruction
     print(f"{path}: PSNR {psnr(recon_s.clamp(0, 1), x):.2f} dB at the model's {S} x {S} (mask {mask_ratio})")
 
 
 def run_layers(net, img, dest, depth, layers, threshold, seed, backend):
     g = control_depth(image_gaussians(net, img[None])[0], depth, torch.Generator().manual_seed(seed))
-    layers_strip(g, img, layers, threshold, backend).save(dest + "_layers.png")
+    engine.save_image(layers_strip(g, img, layers, threshold, backend), dest + "_layers.png")
 
 
 def run_figure_ground(net, img, dest, depth, layers, threshold, seed, backend, max_size):

@@ -444,7 +444,7 @@ def score_edge_readings(items, readings, out, nthresh, workers=1):
             for m, e in maps.items():
                 os.makedirs(os.path.join(out, m), exist_ok=True)
                 u8 = data.to_uint8(e)
-                Image.fromarray(u8).save(os.path.join(out, m, name + ".png"))
+                engine.save_image(Image.fromarray(u8), os.path.join(out, m, name + ".png"))
                 methods.append(m)
                 yield u8, gts, th  # score exactly what was written
             print(f"\r{i + 1}/{len(items)} images read", end="", flush=True)
