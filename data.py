@@ -223,14 +223,17 @@ def list_images(folder):
     listed the first time only."""
     paths, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        seen.add(os.path.realpath(dirpath))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and os.path.realpath(os.path.join(dirpath, d)) not in seen)
-        seen.update(os.path.realpath(os.path.join(dirpath, d)) for d in dirnames)
-        for f in sorted(filenames):
-            if _is_image(f) and os.path.realpath(os.path.join(dirpath, f)) not in seen:
-                seen.add(os.path.realpath(os.path.join(dirpath, f)))
-                paths.append(os.path.join(dirpath, f))
+        real_dir = os.path.realpath(dirpath)  # once per folder; a file's is real_dir/name unless it is a link
+        seen.add(real_dir)
+        subdirs = {d: os.path.realpath(os.path.join(dirpath, d)) for d in sorted(dirnames) if not d.startswith(".")}
+        dirnames[:] = [d for d, real in subdirs.items() if real not in seen]
+        seen.update(subdirs.values())
+        for f in sorted(filter(_is_image, filenames)):
+            path = os.path.join(dirpath, f)
+            real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_dir, f)
+            if real not in seen:
+                seen.add(real)
+                paths.append(path)
     return paths
 
 
@@ -256,25 +259,24 @@ class BrokenImageWarning(UserWarning):
 _warned_paths = set()
 
 
-def to_rgb(im):
+def to_rgb(im, background=(255, 255, 255)):
     """Any PIL image -> 8-bit RGB. Grayscale, bilevel, CMYK, YCbCr and palette images convert directly;
     integer images of more than 8 bits are scaled by 255 / 65535, decided by the mode, never by the image's own
     values (a dark 16-bit PNG stays dark): I;16* (16-bit PNG or TIFF) and I (32-bit integer, read as 0..65535,
     which is what 16-bit files give in older Pillow). A float image (F, a float TIFF) is read by its range: up to
     1 as [0, 1], up to 255 as 8-bit, beyond as 16-bit. Transparency (RGBA, LA, PA, a palette with a transparent
-    colour) is composited onto white, the renderer's background."""
+    colour) is composited onto `background`: white, the renderer's, for images."""
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         arr = np.nan_to_num(np.asarray(im).astype(np.float64))
         top = arr.max(initial=0)  # float (F): read by its range, [0, 1] or [0, 255] or 16-bit; integers: 16-bit
         arr = arr * (255.0 if im.mode == "F" and top <= 1 else 1.0 if im.mode == "F" and top <= 255 else 1 / 257.0)
         im = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, im.convert("RGBA"))
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (*background, 255)), im.convert("RGBA"))
     return im.convert("RGB")
 
 
-def load_rgb(path):
+def load_rgb(path, background=(255, 255, 255)):
     """Opens an image file as 8-bit RGB (to_rgb), upright: the EXIF orientation a phone camera records is applied
     (a photo taken in portrait is stored sideways with a tag that says so). A file that cannot be decoded,
     missing or cut short included, raises BrokenImageError naming it; the folder datasets below skip such
@@ -284,7 +286,7 @@ def load_rgb(path):
         with Image.open(path) as im:
             size = im.size
             im.load()  # decode now: a truncated file fails here, not later in a transform
-            return to_rgb(ImageOps.exif_transpose(im))
+            return to_rgb(ImageOps.exif_transpose(im), background)
     except MemoryError:
         where = f" ({size[0]} x {size[1]} pixels)" if size else ""
         raise MemoryError(f"out of memory while decoding {path}{where}; free memory or downscale the image") from None
@@ -472,15 +474,23 @@ def labelled_splits(data, img_size, n_train=None, n_val=None, seed=0, augment=No
 def same_files(a, b):
     """Files of list b that are also in a: the same file (real path) or a byte-identical copy. Only files whose
     size some file of a shares are hashed, so a healthy split costs a stat per file."""
-    real_a = {os.path.realpath(p) for p in a}
-    found = [p for p in b if os.path.realpath(p) in real_a]
+    real = {p: os.path.realpath(p) for p in (*a, *b)}
+    real_a = {real[p] for p in a}
     sizes = {}
     for p in a:
         sizes.setdefault(os.path.getsize(p), []).append(p)
-    digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()  # noqa: E731
+    digests = {}  # each file read at most once
+
+    def digest(p):
+        if p not in digests:
+            with open(p, "rb") as f:
+                digests[p] = hashlib.sha256(f.read()).digest()
+        return digests[p]
+
+    found = []
     for p in b:
-        twins = [q for q in sizes.get(os.path.getsize(p), []) if os.path.realpath(q) != os.path.realpath(p)]
-        if p not in found and twins and digest(p) in {digest(q) for q in twins}:
+        twins = [q for q in sizes.get(os.path.getsize(p), []) if real[q] != real[p]]
+        if real[p] in real_a or (twins and digest(p) in {digest(q) for q in twins}):
             found.append(p)
     return found
 

@@ -110,8 +110,9 @@ def check_output(out, inputs=(), folder=True):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise OutputError(f"--out {out}: {parent} is a file, so nothing can be made under it")
-    if not os.access(parent if not os.path.exists(real) else real, os.W_OK):
-        raise OutputError(f"--out {out}: {parent if not os.path.exists(real) else real} is not writable")
+    target = real if os.path.exists(real) else parent
+    if not os.access(target, os.W_OK):
+        raise OutputError(f"--out {out}: {target} is not writable")
 
 
 def check_result_file(out, inputs, keys):

@@ -45,7 +45,7 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 import data
 import engine
@@ -352,15 +352,8 @@ def fg_items(synthetic, size, anywhere, masks, limit):
 
 def load_mask(path):
     """A figure-ground mask file -> bool [H, W]: figure where it is bright (> 127 of 255). Transparent pixels are
-    background: the mask is laid on black, not on the white that images get (data.to_rgb)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            rgba = ImageOps.exif_transpose(im).convert("RGBA")
-    except Exception as e:
-        raise data.BrokenImageError(f"could not read image {path}: {e}. Replace or delete the file.") from e
-    black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-    return np.asarray(Image.alpha_composite(black, rgba).convert("L")) > 127
+    background: the mask is laid on black, not on the white that images get."""
+    return np.asarray(data.load_rgb(path, background=(0, 0, 0)).convert("L")) > 127
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_splat_backends import gaussians_from  # valid Gaussians from per-Gaussian lists
 
 import splat
 
@@ -184,14 +185,6 @@ def sim():
     return splat._load_extension("cuda-sim")  # a failed build fails the tests
 
 
-def gaussians_at(xyz, scale, rgb, opacity, dtype=F64):
-    """Valid Gaussians [1, K, 14], identity rotation."""
-    K = len(xyz)
-    t = lambda v, n: torch.as_tensor(v, dtype=dtype).reshape(K, -1).expand(K, n)  # noqa: E731
-    quat = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=dtype).expand(K, 4)
-    return torch.cat([t(xyz, 3), t(scale, 3), quat, t(rgb, 3), t(opacity, 1)], dim=-1)[None]
-
-
 def batches(K, seed):
     """K faint Gaussians over one 16 x 16 tile, so every pixel composites hundreds: K = 300 takes two staging
     batches of 256, K = 600 three, in forward and backward."""
@@ -214,7 +207,7 @@ def scenes():
         "K=600, three batches": (batches(600, 2), 16, 16, 1.0),
         "partial tiles 37 x 23": (splat.random_gaussians(2, 90, generator=gen(3), dtype=F64), 37, 23, 1.0),
         "saturated": (opaque, 24, 20, 1.0),
-        "one Gaussian over the image": (gaussians_at([[0.05, -0.1, 0.2]], [10.0], [[0.3, 0.6, 0.9]], [0.8]), 21, 18,
+        "one Gaussian over the image": (gaussians_from([[0.05, -0.1, 0.2]], [10.0], [[0.3, 0.6, 0.9]], [0.8]), 21, 18,
                                         1.0),
         "ties at one depth": (ties, 16, 16, 1.0),
         "background 0.3": (splat.random_gaussians(2, 70, generator=gen(4), dtype=F64), 19, 26, 0.3),
